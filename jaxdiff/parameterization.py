@@ -1,0 +1,167 @@
+r"""What a network predicts, and the denoiser that everything downstream uses.
+
+With :math:`x = \alpha_t x_0 + \sigma_t\epsilon` the targets are related by
+
+.. math::
+    \hat x_0 = \frac{x - \sigma_t\hat\epsilon}{\alpha_t},\qquad
+    \nabla\log p_t(x) \approx -\frac{\hat\epsilon}{\sigma_t},\qquad
+    v = \alpha_t\epsilon - \sigma_t x_0 \;\Rightarrow\; \hat x_0 = \frac{\alpha_t x - \sigma_t v}
+    {\alpha_t^2 + \sigma_t^2},
+
+and the flow velocity :math:`u = \dot\alpha_t x_0 + \dot\sigma_t\epsilon` (flow matching; for
+rectified flow :math:`u = \epsilon - x_0`). EDM preconditioning (Karras et al. 2022, Table 1)
+applies to any process through the scaled variable :math:`x/\alpha_t = x_0 + (\sigma_t/\alpha_t)
+\epsilon`, whose noise level is :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-\lambda/2}`.
+
+Example:
+    >>> import jax.numpy as jnp, jaxdiff
+    >>> vp = jaxdiff.VP()
+    >>> net = lambda x, t: jnp.zeros_like(x)          # predicts eps = 0
+    >>> denoise = jaxdiff.denoiser(net, vp, prediction="eps")
+    >>> denoise(jnp.ones((2, 3)), 0.5).shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from jaxdiff._utils import as_time, bcast, check_batch
+from jaxdiff.processes import Process, _derivative
+
+__all__ = [
+    "PREDICTIONS",
+    "to_x0",
+    "from_x0",
+    "convert",
+    "edm_preconditioning",
+    "Denoiser",
+    "denoiser",
+    "score",
+    "eps",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+
+
+def _check_prediction(prediction: str, allowed=PREDICTIONS):
+    if prediction not in allowed:
+        raise ValueError(
+            f"Unknown prediction {prediction!r}; choose one of {', '.join(map(repr, allowed))}."
+        )
+
+
+def _coeffs(process: Process, x, t):
+    t = as_time(t, x)
+    return t, bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+
+
+def to_x0(process: Process, prediction: str, x, t, out):
+    """Convert a network output of kind ``prediction`` at ``(x, t)`` into :math:`\\hat x_0`."""
+    _check_prediction(prediction)
+    t, a, s = _coeffs(process, x, t)
+    if prediction == "x0":
+        return out
+    if prediction == "eps":
+        return (x - s * out) / a
+    if prediction == "score":
+        return (x + s**2 * out) / a
+    if prediction == "v":
+        return (a * x - s * out) / (a**2 + s**2)
+    da, ds = bcast(_derivative(process.alpha, t), x), bcast(_derivative(process.sigma, t), x)
+    return (ds * x - s * out) / (a * ds - s * da)  # flow: solve x = a x0 + s e, u = a' x0 + s' e
+
+
+def from_x0(process: Process, prediction: str, x, t, x0):
+    """Convert :math:`\\hat x_0` at ``(x, t)`` into the target of kind ``prediction``."""
+    _check_prediction(prediction)
+    t, a, s = _coeffs(process, x, t)
+    e = (x - a * x0) / s
+    if prediction == "x0":
+        return x0
+    if prediction == "eps":
+        return e
+    if prediction == "score":
+        return -e / s
+    if prediction == "v":
+        return a * e - s * x0
+    da, ds = bcast(_derivative(process.alpha, t), x), bcast(_derivative(process.sigma, t), x)
+    return da * x0 + ds * e
+
+
+def convert(process: Process, x, t, out, *, source: str, target: str):
+    """Convert a prediction of kind ``source`` into kind ``target`` (through :math:`\\hat x_0`)."""
+    return from_x0(process, target, x, t, to_x0(process, source, x, t, out))
+
+
+def edm_preconditioning(process: Process, t, sigma_data=0.5):
+    r"""EDM's ``(c_skip, c_out, c_in, c_noise)`` for any process (Karras et al. 2022, Table 1).
+
+    With :math:`\tilde\sigma = \sigma_t/\alpha_t`: :math:`c_{skip} = \sigma_d^2/(\tilde\sigma^2 +
+    \sigma_d^2)`, :math:`c_{out} = \tilde\sigma\sigma_d/\sqrt{\tilde\sigma^2 + \sigma_d^2}`,
+    :math:`c_{in} = 1/\sqrt{\tilde\sigma^2 + \sigma_d^2}`, :math:`c_{noise} = \tfrac14\log\tilde\sigma`.
+    The denoiser is :math:`c_{skip}\,x/\alpha_t + c_{out} F(c_{in}\,x/\alpha_t, c_{noise})`.
+    """
+    t = as_time(t)
+    sig = jnp.exp(-0.5 * process.log_snr(t))
+    norm = jnp.sqrt(sig**2 + sigma_data**2)
+    return sigma_data**2 / norm**2, sig * sigma_data / norm, 1.0 / norm, 0.25 * jnp.log(sig)
+
+
+class Denoiser(eqx.Module):
+    """A network turned into a denoiser ``denoise(x, t) -> x0_hat``; an immutable pytree.
+
+    Built by :func:`denoiser`. The network always receives a time of shape ``(batch,)``: ``t``
+    itself, or EDM's ``c_noise`` when ``prediction="edm"``.
+    """
+
+    apply_fn: Callable
+    process: Process
+    prediction: str = eqx.field(static=True, default="eps")
+    sigma_data: float = 0.5
+
+    def __call__(self, x, t):
+        check_batch(x, t)
+        t = jnp.broadcast_to(as_time(t, x), x.shape[:1])
+        if self.prediction == "edm":
+            c_skip, c_out, c_in, c_noise = edm_preconditioning(self.process, t, self.sigma_data)
+            xs = x / bcast(self.process.alpha(t), x)
+            out = self.apply_fn(bcast(c_in, x) * xs, c_noise)
+            return bcast(c_skip, x) * xs + bcast(c_out, x) * out
+        return to_x0(self.process, self.prediction, x, t, self.apply_fn(x, t))
+
+
+def denoiser(apply_fn: Callable, process: Process, prediction: str = "eps", *, sigma_data=0.5):
+    """Turn a network ``apply_fn(x, t) -> output`` into ``denoise(x, t) -> x0_hat``.
+
+    Args:
+        apply_fn: the network; ``t`` arrives with shape ``(batch,)``.
+        process: the forward process the network was trained with.
+        prediction: one of ``"eps"``, ``"x0"``, ``"v"``, ``"score"``, ``"flow"``, ``"edm"``.
+        sigma_data: data standard deviation for ``"edm"`` preconditioning.
+    """
+    _check_prediction(prediction, PREDICTIONS + ("edm",))
+    return Denoiser(apply_fn, process, prediction, sigma_data)
+
+
+class _Adapter(eqx.Module):
+    process: Process
+    denoise: Callable
+    kind: str = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        return from_x0(self.process, self.kind, x, t, self.denoise(x, t))
+
+
+def score(process: Process, denoise: Callable):
+    r"""Score from a denoiser (Tweedie): :math:`\nabla\log p_t(x) = (\alpha_t\hat x_0 - x)/\sigma_t^2`."""
+    return _Adapter(process, denoise, "score")
+
+
+def eps(process: Process, denoise: Callable):
+    r"""Noise prediction from a denoiser: :math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t`."""
+    return _Adapter(process, denoise, "eps")
+
