@@ -164,4 +164,3 @@ def score(process: Process, denoise: Callable):
 def eps(process: Process, denoise: Callable):
     r"""Noise prediction from a denoiser: :math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t`."""
     return _Adapter(process, denoise, "eps")
-

@@ -216,19 +216,21 @@ class VPCosine(Process):
             _require(self.s >= 0, f"s must be non-negative, got {self.s}.")
         _check_range(self.t_min, self.t_max)
         if is_concrete(self.t_max):
-            _require(self.t_max < 1.0, f"VPCosine needs t_max < 1 (alpha(1) = 0), got {self.t_max}.")
+            _require(
+                self.t_max < 1.0, f"VPCosine needs t_max < 1 (alpha(1) = 0), got {self.t_max}."
+            )
 
     def _a(self, t):
         return (as_time(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
 
     def alpha(self, t):
-        return jnp.cos(self._a(t)) / math.cos(self.s / (1.0 + self.s) * math.pi / 2)
+        return jnp.cos(self._a(t)) / jnp.cos(self.s / (1.0 + self.s) * math.pi / 2)
 
     def sigma(self, t):
         a0 = self.s / (1.0 + self.s) * math.pi / 2
         a = self._a(t)
         diff = as_time(t) / (1.0 + self.s) * (math.pi / 2)  # a - a0, exactly
-        return jnp.sqrt(jnp.sin(diff) * jnp.sin(a + a0)) / math.cos(a0)
+        return jnp.sqrt(jnp.sin(diff) * jnp.sin(a + a0)) / jnp.cos(a0)
 
     def log_snr(self, t):
         t = as_time(t)
@@ -237,7 +239,7 @@ class VPCosine(Process):
     def t_from_log_snr(self, lam):
         lam = as_time(lam)
         a0 = self.s / (1.0 + self.s) * math.pi / 2
-        c0, s0 = math.cos(a0), math.sin(a0)
+        c0, s0 = jnp.cos(a0), jnp.sin(a0)  # jnp: s may be traced under jit
         alpha, sigma = jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
         a = jnp.arctan2(jnp.sqrt(s0**2 + (c0 * sigma) ** 2), alpha * c0)
         return a / (math.pi / 2) * (1.0 + self.s) - self.s
