@@ -44,7 +44,7 @@ def uniform(process: Process, n: int, *, dtype=None):
     r"""Uniform in time: :math:`t_i = t_{max} + \frac{i}{n-1}(t_{min} - t_{max})`, then 0."""
     _check_n(n)
     u = _ramp(n, dtype)
-    return append_zero(process.t_max + u * (process.t_min - process.t_max))
+    return append_zero(_clip(process, process.t_max + u * (process.t_min - process.t_max)))
 
 
 def quadratic(process: Process, n: int, *, dtype=None):
@@ -61,7 +61,7 @@ def polynomial(process: Process, n: int, power: float, *, dtype=None):
     if power <= 0:
         raise ValueError(f"power must be positive; got {power}.")
     u = 1.0 - _ramp(n, dtype)
-    return append_zero(process.t_min + (process.t_max - process.t_min) * u**power)
+    return append_zero(_clip(process, process.t_min + (process.t_max - process.t_min) * u**power))
 
 
 def log_snr_uniform(process: Process, n: int, *, dtype=None):

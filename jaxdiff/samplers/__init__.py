@@ -2,5 +2,16 @@
 
 from jaxdiff.samplers.base import Sampler, SampleResult, check_grid, sample
 from jaxdiff.samplers.ddim import ddim, ddim_step
+from jaxdiff.samplers.ddpm import ddpm, ddpm_step
+from jaxdiff.samplers.euler import churn_step, euler, euler_step, heun, heun_step, noise_level
+from jaxdiff.samplers.stochastic import (
+    euler_maruyama,
+    euler_maruyama_step,
+    langevin_step,
+    predictor_corrector,
+)
 
 __all__ = ["Sampler", "SampleResult", "sample", "check_grid", "ddim", "ddim_step"]
+__all__ += ["ddpm", "ddpm_step", "euler", "euler_step", "heun", "heun_step"]
+__all__ += ["churn_step", "noise_level", "euler_maruyama", "euler_maruyama_step"]
+__all__ += ["langevin_step", "predictor_corrector"]

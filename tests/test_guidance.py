@@ -1,0 +1,327 @@
+"""Guidance is exact on a Gaussian mixture whose components are the classes.
+
+With the exact classifier :math:`\\log p_t(y\\mid x)` (``GaussianMixture.class_log_prob``), Bayes'
+rule makes classifier guidance at scale 1 the class-conditional denoiser; classifier-free guidance
+is the affine combination of the exact conditional and unconditional denoisers. Guided sampling
+with every available sampler lands in the guided class; the scale is traced (no recompilation).
+"""
+
+import importlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff import guidance, schedules
+from jaxdiff.analytic import GaussianMixture
+from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+parametrize = pytest.mark.parametrize("process", PROCESSES, ids=lambda p: type(p).__name__)
+
+MIX = GaussianMixture(
+    jnp.array([[-2.0, 0.0], [2.0, 0.5], [0.0, 3.0]]),
+    jnp.array([[0.5, 0.3], [0.4, 0.6], [0.3, 0.3]]),
+    jnp.array([0.5, 0.3, 0.2]),
+)
+K = MIX.means.shape[0]
+
+
+class ExactLogProb(eqx.Module):
+    """The exact classifier log p_t(y | x) of the mixture (a pytree: traced under jit)."""
+
+    process: jaxdiff.Process
+    y: jax.Array
+    mix: GaussianMixture = MIX
+
+    def __call__(self, x, t):
+        return self.mix.class_log_prob(self.process, x, t, jnp.broadcast_to(self.y, x.shape[:1]))
+
+
+class LabelDenoiser(eqx.Module):
+    """denoise_y(x, t, y): component y's denoiser, the whole mixture for the null label K."""
+
+    process: jaxdiff.Process
+    mix: GaussianMixture = MIX
+
+    def __call__(self, x, t, y):
+        outs = [self.mix.component(k).denoiser(self.process)(x, t) for k in range(K)]
+        outs = jnp.stack(outs + [self.mix.denoiser(self.process)(x, t)])  # (K + 1, batch, d)
+        return jnp.take_along_axis(outs, y[None, :, None], axis=0)[0]
+
+
+def points(process, n=6, key=0):
+    t = jnp.linspace(process.t_min, process.t_max, n + 2)[1:-1]
+    x0 = MIX.sample(n, key=jax.random.key(key))
+    x = process.sample_marginal(x0, t, key=jax.random.key(key + 1))[0]
+    return x, t, jnp.arange(n) % K
+
+
+def conditional(process, x, t, y):
+    """The exact class-conditional denoiser E[x0 | x_t, y] (component y of the mixture)."""
+    return LabelDenoiser(process)(x, t, y)
+
+
+# --- exact identities --------------------------------------------------------------------------
+@parametrize
+def test_classifier_guidance_scale_one_is_the_conditional_denoiser(process):
+    x, t, y = points(process)
+    guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
+    np.testing.assert_allclose(guided(x, t), conditional(process, x, t, y), rtol=0, atol=1e-8)
+
+
+@parametrize
+def test_classifier_free_scale_one_conditional_zero_unconditional(process):
+    x, t, y = points(process)
+    cond, uncond = conditional(process, x, t, y), MIX.denoiser(process)(x, t)
+    cond_fn = jax.tree_util.Partial(LabelDenoiser(process), y=y)
+    uncond_fn = MIX.denoiser(process)
+    g = lambda w: guidance.classifier_free(lambda x, t: cond_fn(x, t), uncond_fn, w)(x, t)
+    np.testing.assert_allclose(g(1.0), cond, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g(0.0), uncond, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g(2.5), uncond + 2.5 * (cond - uncond), rtol=0, atol=1e-12)
+
+
+@parametrize
+def test_classifier_guidance_equals_classifier_free_at_every_scale(process):
+    # With exact models, w * sigma^2/alpha * grad log p(y|x) = w * (x0_cond - x0_uncond).
+    x, t, y = points(process)
+    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
+    for w in (0.0, 0.5, 3.0):
+        cfg = guidance.classifier_free(cond, MIX.denoiser(process), w)
+        cg = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), w)
+        np.testing.assert_allclose(cg(x, t), cfg(x, t), rtol=0, atol=1e-8)
+
+
+def test_classifier_free_is_the_same_combination_in_eps_and_score_space():
+    process = VP()
+    x, t, y = points(process)
+    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
+    uncond, w = MIX.denoiser(process), 4.0
+    guided = guidance.classifier_free(cond, uncond, w)
+    for adapter in (jaxdiff.eps, jaxdiff.score):
+        a_c, a_u = adapter(process, cond)(x, t), adapter(process, uncond)(x, t)
+        ref = a_u + w * (a_c - a_u)
+        np.testing.assert_allclose(adapter(process, guided)(x, t), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_per_example_scale_and_guidance_interval():
+    process = VP()
+    x, t, y = points(process, n=6)
+    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
+    c, u = cond(x, t), MIX.denoiser(process)(x, t)
+    w = jnp.arange(6.0)
+    per_example = guidance.classifier_free(cond, MIX.denoiser(process), w)(x, t)
+    np.testing.assert_allclose(per_example, u + w[:, None] * (c - u), atol=1e-12)
+    # Inside [t_lo, t_hi] the scale applies, outside the conditional model (scale 1).
+    lo, hi = float(t[1]), float(t[3])
+    out = guidance.classifier_free(cond, MIX.denoiser(process), 3.0, interval=(lo, hi))(x, t)
+    inside = (t >= lo) & (t <= hi)
+    assert int(inside.sum()) == 3
+    np.testing.assert_allclose(out, jnp.where(inside[:, None], u + 3.0 * (c - u), c), atol=1e-12)
+
+
+def test_classifier_free_labels_is_one_doubled_batch_call():
+    process = EDM()
+    x, t, y = points(process)
+    calls = []
+
+    def denoise_y(x, t, labels):
+        calls.append(x.shape)
+        return LabelDenoiser(process)(x, t, labels)
+
+    ref = guidance.classifier_free(lambda x, t: denoise_y(x, t, y), MIX.denoiser(process), 2.0)
+    ref = ref(x, t)
+    calls.clear()
+    out = guidance.classifier_free_labels(denoise_y, y, 2.0, null_label=K)(x, t)
+    assert calls == [(2 * x.shape[0], 2)]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_log_prob_from_logits_matches_exact_classifier():
+    process = VP()
+    x, t, y = points(process)
+    logits = lambda x, t: jnp.log(MIX.responsibilities(process, x, t)) + 7.0  # shift-invariant
+    lp = guidance.log_prob_from_logits(logits, y)
+    np.testing.assert_allclose(lp(x, t), MIX.class_log_prob(process, x, t, y), atol=1e-12)
+
+
+def test_float32_in_float32_out():
+    process = VP()
+    x, t, y = points(process)
+    x32, t32 = x.astype(jnp.float32), t.astype(jnp.float32)
+    mix = jax.tree.map(lambda a: a.astype(jnp.float32), MIX)
+    cond = lambda x, t: LabelDenoiser(process, mix)(x, t, y)
+    cg = guidance.classifier(process, mix.denoiser(process), ExactLogProb(process, y, mix), 2.0)
+    cfg = guidance.classifier_free(cond, mix.denoiser(process), 2.0, interval=(0.1, 0.5))
+    dt = guidance.dynamic_threshold(cfg, 0.9, 2.0)
+    outs = [fn(x32, t32) for fn in (cg, cfg, dt)]
+    assert [o.dtype for o in outs] == [jnp.float32] * 3
+    np.testing.assert_allclose(outs[0], cg(x, t), rtol=1e-4, atol=1e-4)
+
+
+# --- thresholding ------------------------------------------------------------------------------
+def test_dynamic_threshold_bounds_and_leaves_in_range_predictions_unchanged():
+    big = (
+        jax.random.normal(jax.random.key(0), (5, 4, 4))
+        * jnp.array([0.2, 1.0, 3.0, 10.0, 0.5])[:, None, None]
+    )
+    out = guidance.dynamic_threshold(lambda x, t: x, percentile=0.9, max_value=1.5)(big, 0.3)
+    assert float(jnp.max(jnp.abs(out))) <= 1.5 + 1e-12
+    in_range = jnp.max(jnp.abs(big), axis=(1, 2)) <= 1.5
+    assert int(in_range.sum()) == 2  # scales 0.2 and 0.5 (max |x| 0.6 and 1.4)
+    np.testing.assert_array_equal(out[in_range], big[in_range])
+    # percentile 1: s = max|x0|, so an out-of-range example is rescaled to max |x0| = m exactly.
+    full = guidance.dynamic_threshold(lambda x, t: x, percentile=1.0, max_value=1.5)(big, 0.3)
+    s = jnp.max(jnp.abs(big), axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(full, jnp.where(s > 1.5, big * 1.5 / s, big), rtol=1e-14)
+
+
+def test_dynamic_threshold_uses_the_percentile_per_example():
+    x0 = jnp.array([[0.5, -4.0, 2.0, 1.0, -3.0]])  # |x0| sorted: 0.5 1 2 3 4; quantile 0.5 = 2
+    out = guidance.dynamic_threshold(lambda x, t: x, percentile=0.5)(x0, 0.3)
+    np.testing.assert_allclose(out, jnp.clip(x0, -2.0, 2.0) / 2.0, rtol=1e-14)
+    clipped = guidance.static_threshold(lambda x, t: x, 1.0)(x0, 0.3)
+    np.testing.assert_array_equal(clipped, jnp.clip(x0, -1.0, 1.0))
+
+
+# --- sampling with guidance --------------------------------------------------------------------
+SAMPLERS = [
+    ("ddim", {}, 20),
+    ("euler", {}, 40),
+    ("heun", {}, 15),
+    ("dpm_solver", {"order": 2}, 10),
+    ("dpm_solver_pp", {"order": 2}, 15),
+    ("ipndm", {}, 15),
+    ("unipc", {}, 15),
+    ("ddpm", {}, 60),
+    ("euler_maruyama", {}, 100),
+]
+
+
+def _factory(name):
+    """A sampler factory from jaxdiff.samplers (or its submodule), or None when not written yet."""
+    if hasattr(jaxdiff.samplers, name):
+        return getattr(jaxdiff.samplers, name)
+    for module in (name, name.split("_")[0]):
+        try:
+            return getattr(importlib.import_module(f"jaxdiff.samplers.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _check_class(x, process, y):
+    """Fraction of samples that the mixture assigns to class y, and their mean vs the component's."""
+    resp = MIX.responsibilities(process, x, jnp.zeros(()))
+    frac = float(jnp.mean(jnp.argmax(resp, axis=-1) == y))
+    return frac, float(jnp.max(jnp.abs(x.mean(0) - MIX.means[y])))
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return VP().prior_sample((256, 2), key=jax.random.key(3), dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("name,kwargs,steps", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+def test_classifier_guided_sampling_lands_in_the_class(name, kwargs, steps, prior):
+    factory = _factory(name)
+    if factory is None:
+        pytest.skip(f"jaxdiff.samplers.{name} not available")
+    process, y = VP(), 2  # the class of weight 0.2: unguided sampling would give ~20%
+    sampler = factory(process, **kwargs)
+    guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
+    res = jaxdiff.sample(
+        sampler, guided, prior, schedules.uniform(process, steps), key=jax.random.key(1)
+    )
+    frac, mean_err = _check_class(res.x, process, y)
+    assert frac > 0.95, (name, frac)
+    assert mean_err < 0.15, (name, mean_err)
+
+
+def test_classifier_guided_probability_flow_ode_with_diffrax(prior):
+    sde = pytest.importorskip("jaxdiff.sde")
+    process, y = VP(), 2
+    guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
+    sol = sde.solve_ode(process, guided, prior, t0=process.t_max, t1=process.t_min)
+    x = sol.ys[-1] if sol.ys.shape[0] != prior.shape[0] else sol.ys
+    frac, mean_err = _check_class(x, process, y)
+    assert frac > 0.95 and mean_err < 0.15, (frac, mean_err)
+
+
+def test_unguided_sampling_is_not_class_specific(prior):
+    # Control for the test above: without guidance class 2 takes about its weight, 20%.
+    process = VP()
+    res = jaxdiff.sample(
+        jaxdiff.samplers.ddim(process), MIX.denoiser(process), prior, schedules.uniform(process, 20)
+    )
+    frac, _ = _check_class(res.x, process, 2)
+    assert 0.1 < frac < 0.3, frac
+
+
+class TraceCounter:
+    """Hashable by identity, so it can sit in a static field."""
+
+    def __init__(self):
+        self.n = 0
+
+
+class Counting(eqx.Module):
+    """Counts how often it is traced (a Python side effect runs only while tracing)."""
+
+    inner: eqx.Module
+    counter: TraceCounter = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        self.counter.n += 1
+        return self.inner(x, t)
+
+
+def test_changing_the_guidance_scale_does_not_recompile(prior):
+    process, y = VP(), 1
+    sampler, ts = jaxdiff.samplers.ddim(process), schedules.uniform(process, 8)
+    counts = {"cfg": TraceCounter(), "classifier": TraceCounter()}
+    cond = jax.tree_util.Partial(LabelDenoiser(process), y=jnp.full(prior.shape[:1], y))
+    make = {
+        "cfg": lambda w: guidance.classifier_free(
+            Counting(cond, counts["cfg"]), MIX.denoiser(process), w, interval=(0.1, w / 10 + 0.2)
+        ),
+        "classifier": lambda w: guidance.classifier(
+            process,
+            Counting(MIX.denoiser(process), counts["classifier"]),
+            ExactLogProb(process, y),
+            w,
+        ),
+    }
+    for kind, build in make.items():
+        outs = [jaxdiff.sample(sampler, build(w), prior, ts).x for w in (1.0, 2, 3.5)]
+        traced = counts[kind].n
+        outs.append(jaxdiff.sample(sampler, build(7.0), prior, ts).x)
+        assert traced >= 1 and counts[kind].n == traced, (kind, traced, counts[kind].n)
+        assert float(jnp.max(jnp.abs(outs[0] - outs[2]))) > 1e-3  # the scale does act
+
+
+# --- errors ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    process = VP()
+    d = MIX.denoiser(process)
+    with pytest.raises(ValueError, match="t_lo < t_hi"):
+        guidance.classifier_free(d, d, 2.0, interval=(0.5, 0.2))
+    with pytest.raises(ValueError, match="scalar or have shape"):
+        guidance.classifier_free(d, d, jnp.ones((2, 2)))
+    with pytest.raises(TypeError, match="denoise_uncond"):
+        guidance.classifier_free(d, None, 1.0)
+    with pytest.raises(TypeError, match="jaxdiff Process"):
+        guidance.classifier("VP", d, lambda x, t: x[:, 0], 1.0)
+    with pytest.raises(ValueError, match="percentile must lie in"):
+        guidance.dynamic_threshold(d, percentile=99.5)
+    with pytest.raises(ValueError, match="max_value must be positive"):
+        guidance.static_threshold(d, 0.0)
+    with pytest.raises(ValueError, match="integer labels"):
+        guidance.log_prob_from_logits(lambda x, t: x, jnp.array([0.5]))
+    bad = guidance.classifier(process, d, lambda x, t: jnp.sum(x), 1.0)
+    with pytest.raises(ValueError, match=r"must return shape \(batch,\)"):
+        bad(jnp.zeros((3, 2)), 0.5)

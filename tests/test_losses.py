@@ -1,0 +1,320 @@
+"""Losses: exact targets, the equivalences of the papers (noise prediction = DSM with
+lambda = sigma^2; explicit and denoising score matching differ by a model-independent constant),
+the EDM loss, and the time samplers' distributions and importance weights."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import losses
+from jaxdiff.analytic import GaussianMixture
+from jaxdiff.parameterization import denoiser, edm_preconditioning
+from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+IDS = [type(p).__name__ for p in PROCESSES]
+parametrize = pytest.mark.parametrize("process", PROCESSES, ids=IDS)
+
+X0 = jax.random.normal(jax.random.key(0), (6, 3))
+KEY = jax.random.key(1)
+MIXTURE = GaussianMixture(
+    jnp.array([[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]]),
+    jnp.array([0.3, 0.5, 0.2]),
+    jnp.array([0.5, 0.3, 0.2]),
+)
+
+
+def times(process, n=6):
+    return jnp.linspace(process.t_min, process.t_max, n + 2)[1:-1]
+
+
+def col(v):
+    return v[:, None]
+
+
+def recovered_eps(process, x, t):
+    """The noise that produced x from X0 (known in the tests)."""
+    return (x - col(process.alpha(t)) * X0) / col(process.sigma(t))
+
+
+def oracles(process):
+    """Networks that predict each loss's target exactly (they close over X0)."""
+
+    def eps(x, t):
+        return recovered_eps(process, x, t)
+
+    def flow(x, t):
+        da, ds = jax.vmap(jax.grad(process.alpha))(t), jax.vmap(jax.grad(process.sigma))(t)
+        return col(da) * X0 + col(ds) * eps(x, t)
+
+    return {
+        losses.eps_loss: eps,
+        losses.x0_loss: lambda x, t: jnp.broadcast_to(X0, x.shape),
+        losses.v_loss: lambda x, t: col(process.alpha(t)) * eps(x, t) - col(process.sigma(t)) * X0,
+        losses.flow_loss: flow,
+        losses.dsm_loss: lambda x, t: -eps(x, t) / col(process.sigma(t)),
+    }
+
+
+@parametrize
+def test_oracle_has_zero_loss_and_shift_costs_its_square(process):
+    # loss(oracle) = 0 and loss(oracle + c) = c^2 (mean over dims), times the weighting.
+    t, c = times(process), 0.3
+    lam = lambda t: 1.0 + t**2  # noqa: E731
+    for loss, oracle in oracles(process).items():
+        kw = dict(key=KEY, t=t, weighting=lam)
+        np.testing.assert_allclose(loss(oracle, process, X0, **kw), 0.0, atol=1e-9)
+        shifted = lambda x, t, oracle=oracle: oracle(x, t) + c  # noqa: E731
+        out = loss(shifted, process, X0, **kw)
+        np.testing.assert_allclose(out, c**2 * lam(t), rtol=1e-7, err_msg=loss.__name__)
+        assert out.shape == (6,)
+
+
+@parametrize
+def test_named_weightings(process):
+    t, c = times(process), 0.3
+    oracle = oracles(process)[losses.dsm_loss]
+    shifted = lambda x, t: oracle(x, t) + c  # noqa: E731
+    g2, s2 = process.g2(t), process.sigma(t) ** 2
+    for weighting, lam in [("sigma2", s2), ("likelihood", g2), (None, 1.0)]:
+        out = losses.dsm_loss(shifted, process, X0, key=KEY, t=t, weighting=weighting)
+        np.testing.assert_allclose(out, c**2 * lam, rtol=1e-7, err_msg=str(weighting))
+
+
+def net(x, t):
+    """A fixed eps-network (arbitrary weights), float32-safe."""
+    w = jnp.array([[0.8, -0.3, 0.1], [0.2, 0.6, -0.5], [0.1, 0.2, 0.7]], x.dtype)
+    return jnp.tanh(x @ w) + jnp.cos(2.0 * t).astype(x.dtype)[:, None]
+
+
+@parametrize
+def test_eps_loss_equals_dsm_with_sigma2_weighting(process):
+    # Converted model s = -eps_hat / sigma; same key => same t and eps (Ho et al. 2020, Eq. 14;
+    # Song et al. 2021, Eq. 7 with lambda = sigma^2).
+    score_net = lambda x, t: -net(x, t) / col(process.sigma(t))  # noqa: E731
+    a = losses.eps_loss(net, process, X0, key=KEY)
+    b = losses.dsm_loss(score_net, process, X0, key=KEY, weighting="sigma2")
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    # With likelihood weighting: g^2 / sigma^2 on the eps loss equals g^2 on DSM.
+    a = losses.eps_loss(net, process, X0, key=KEY, weighting="likelihood")
+    b = losses.dsm_loss(score_net, process, X0, key=KEY, weighting="likelihood")
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@parametrize
+def test_x0_and_denoising_loss_with_snr_weighting_equal_eps_loss(process):
+    denoise = denoiser(net, process, "eps")
+    a = losses.eps_loss(net, process, X0, key=KEY)
+    np.testing.assert_allclose(
+        losses.x0_loss(denoise, process, X0, key=KEY, weighting="snr"), a, rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        losses.denoising_loss(denoise, process, X0, key=KEY, weighting="snr"), a, rtol=1e-9
+    )
+
+
+def random_linear_score(key, d=2):
+    k1, k2 = jax.random.split(key)
+    a = 0.5 * jax.random.normal(k1, (d, d)) - jnp.eye(d)
+    b = 0.5 * jax.random.normal(k2, (d,))
+    return lambda x, t: x @ a + b * jnp.cos(t)[:, None]
+
+
+@pytest.mark.parametrize("process", [VP(), EDM()], ids=["VP", "EDM"])
+def test_explicit_and_denoising_score_matching_differ_by_a_constant(process):
+    # Vincent (2011): E[DSM(s)] = E[ESM(s)] + C with C independent of s. Same samples for all
+    # models; per-sample r = DSM - ESM; the mean of r_i - r_j (i, j two models) is zero, checked
+    # within 5 standard errors of the paired Monte Carlo mean (float64, 50k samples).
+    n = 50_000
+    kx, kt, kl = jax.random.split(jax.random.key(7), 3)
+    x0 = MIXTURE.sample(n, key=kx)
+    t = losses.uniform_time(process)(kt, (n,), jnp.float64)
+    seen = {}
+
+    def probe(x, t):
+        seen["x"] = x
+        return jnp.zeros_like(x)
+
+    losses.dsm_loss(probe, process, x0, key=kl, t=t)
+    x_t, true_score, s2 = seen["x"], MIXTURE.score(process)(seen["x"], t), process.sigma(t) ** 2
+
+    r = []
+    for i in range(3):
+        model = random_linear_score(jax.random.key(10 + i))
+        dsm = losses.dsm_loss(model, process, x0, key=kl, t=t)  # lambda = sigma^2
+        esm = s2 * jnp.mean((model(x_t, t) - true_score) ** 2, axis=1)
+        r.append(dsm - esm)
+    eps = (x_t - col(process.alpha(t)) * x0) / col(process.sigma(t))
+    constant = jnp.mean(eps**2 - col(s2) * true_score**2, axis=1)
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        diff = r[i] - r[j]
+        assert abs(jnp.mean(diff)) < 5 * jnp.std(diff) / np.sqrt(n), (i, j)
+    # The constant itself: C = E[lambda (|eps|^2 / sigma^2 - |s*|^2)] / d, lambda = sigma^2.
+    diff = r[0] - constant
+    assert abs(jnp.mean(diff)) < 5 * jnp.std(diff) / np.sqrt(n)
+
+
+def edm_oracle(process, target, sigma_data):
+    """The raw network F whose EDM-preconditioned denoiser is the exact denoiser of ``target``."""
+    exact = target.denoiser(process)
+
+    def F(x_in, c_noise):
+        t = process.t_from_log_snr(-8.0 * c_noise)  # c_noise = log(sigma_t / alpha_t) / 4
+        c_skip, c_out, c_in, _ = (col(c) for c in edm_preconditioning(process, t, sigma_data))
+        xs = x_in / c_in  # x / alpha_t
+        return (exact(col(process.alpha(t)) * xs, t) - c_skip * xs) / c_out
+
+    return F
+
+
+@pytest.mark.parametrize("process", [EDM(), VP()], ids=["EDM", "VP"])
+def test_edm_loss_of_exact_denoiser_is_smallest(process):
+    # With weight 1 / c_out^2, shifting F by delta adds exactly delta^2 in expectation (the cross
+    # term has mean zero because the exact denoiser is E[x0 | x_t]).
+    n, sd, delta = 20_000, 0.5, 0.2
+    kx, kl = jax.random.split(jax.random.key(3))
+    x0 = MIXTURE.sample(n, key=kx)
+    F = edm_oracle(process, MIXTURE, sd)
+    exact = losses.edm_loss(F, process, x0, key=kl, sigma_data=sd)
+    shifted = losses.edm_loss(lambda x, c: F(x, c) + delta, process, x0, key=kl, sigma_data=sd)
+    diff = shifted - exact
+    assert abs(jnp.mean(diff) - delta**2) < 5 * jnp.std(diff) / np.sqrt(n)
+    assert jnp.mean(shifted) > jnp.mean(exact) > 0
+
+
+def ks_statistic(samples, cdf):
+    x = jnp.sort(samples)
+    n = x.shape[0]
+    f = cdf(x)
+    return float(jnp.maximum(jnp.max(jnp.arange(1, n + 1) / n - f), jnp.max(f - jnp.arange(n) / n)))
+
+
+KS_CRIT = 1.63  # Kolmogorov distribution, 1% level: D < 1.63 / sqrt(n)
+N_T = 20_000
+
+
+@parametrize
+def test_uniform_time_is_uniform_in_range(process):
+    t = losses.uniform_time(process)(jax.random.key(4), (N_T,), jnp.float32)
+    assert t.dtype == jnp.float32 and t.shape == (N_T,)
+    assert jnp.all((t >= process.t_min) & (t <= process.t_max))
+    lo, hi = process.t_min, process.t_max
+    assert ks_statistic(t.astype(jnp.float64), lambda x: (x - lo) / (hi - lo)) < KS_CRIT / np.sqrt(
+        N_T
+    )
+
+
+@parametrize
+def test_lognormal_time_has_lognormal_noise_level(process):
+    p_mean, p_std = -1.2, 1.2
+    t = losses.lognormal_time(process, p_mean, p_std)(jax.random.key(5), (N_T,), jnp.float64)
+    assert jnp.all((t >= process.t_min) & (t <= process.t_max))
+    log_sigma = -0.5 * process.log_snr(t)  # log(sigma_t / alpha_t)
+    cdf = lambda x: jax.scipy.stats.norm.cdf(x, p_mean, p_std)  # noqa: E731
+    # Clipping to [t_min, t_max] moves at most the tail mass beyond the ends (< 0.3% for these).
+    lo, hi = -0.5 * process.log_snr(process.t_min), -0.5 * process.log_snr(process.t_max)
+    clipped = float(cdf(lo) + 1 - cdf(hi))
+    assert ks_statistic(log_sigma, cdf) < KS_CRIT / np.sqrt(N_T) + clipped
+
+
+@parametrize
+def test_importance_time_samples_log_snr_uniformly(process):
+    sampler = losses.importance_time(process)
+    t = sampler(jax.random.key(6), (N_T,), jnp.float64)
+    assert jnp.all((t >= process.t_min) & (t <= process.t_max))
+    lam_lo, lam_hi = process.log_snr(process.t_max), process.log_snr(process.t_min)
+    lam = process.log_snr(t)
+    cdf = lambda x: (x - lam_lo) / (lam_hi - lam_lo)  # noqa: E731
+    assert ks_statistic(lam, cdf) < KS_CRIT / np.sqrt(N_T)
+    # w(t) g^2 / sigma^2 is the constant Z / (t_max - t_min): the likelihood weight cancels.
+    w = sampler.weight(t)
+    const = (lam_hi - lam_lo) / (process.t_max - process.t_min)
+    np.testing.assert_allclose(w * process.g2(t) / process.sigma(t) ** 2, const, rtol=1e-8)
+    # E_q[w] = 1.
+    assert abs(jnp.mean(w) - 1) < 5 * jnp.std(w) / np.sqrt(N_T)
+
+
+@pytest.mark.parametrize(
+    "process", [VP(), VPCosine(), RectifiedFlow()], ids=["VP", "VPCosine", "RF"]
+)
+def test_importance_weighted_dsm_is_unbiased(process):
+    # E_{t~q}[w(t) DSM_likelihood] = E_{t~U}[DSM_likelihood], for a fixed model and data.
+    n = 50_000
+    kx, ku, ki = jax.random.split(jax.random.key(8), 3)
+    x0 = MIXTURE.sample(n, key=kx)
+    model = random_linear_score(jax.random.key(9))
+    kw = dict(weighting="likelihood")
+    uni = losses.dsm_loss(model, process, x0, key=ku, t_sampler=losses.uniform_time(process), **kw)
+    imp = losses.dsm_loss(
+        model, process, x0, key=ki, t_sampler=losses.importance_time(process), **kw
+    )
+    se = jnp.sqrt(jnp.var(uni) / n + jnp.var(imp) / n)
+    assert abs(jnp.mean(uni) - jnp.mean(imp)) < 5 * se
+    assert jnp.var(imp) < jnp.var(uni)  # the point of importance sampling
+
+
+@parametrize
+def test_losses_jit_and_preserve_float32(process):
+    # The process is a jit argument (a pytree of traced leaves); the three time samplers and the
+    # derivative-based flow target run traced; the losses stay float32.
+    def all_losses(process, x0, key):
+        zero = lambda x, c: jnp.zeros_like(x)  # noqa: E731
+        importance = losses.importance_time(process)
+        return [
+            losses.eps_loss(net, process, x0, key=key),
+            losses.flow_loss(net, process, x0, key=key),
+            losses.dsm_loss(net, process, x0, key=key, t_sampler=importance),
+            losses.edm_loss(zero, process, x0, key=key),
+        ]
+
+    for out in jax.jit(all_losses)(process, X0.astype(jnp.float32), KEY):
+        assert out.dtype == jnp.float32 and out.shape == (6,)
+        assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_every_loss_preserves_float32():
+    x0, t = X0.astype(jnp.float32), jnp.float32(0.4)
+    for loss in (losses.x0_loss, losses.v_loss, losses.dsm_loss, losses.denoising_loss):
+        for kw in ({}, {"t": t}):
+            out = loss(net, VP(), x0, key=KEY, **kw)
+            assert out.dtype == jnp.float32 and out.shape == (6,), loss.__name__
+
+
+def test_class_conditional_model_through_partial():
+    process, c = VP(), 0.25
+    labels = jnp.arange(6) % 3
+    eps_oracle = oracles(process)[losses.eps_loss]
+
+    def cond_net(x, t, y):
+        return eps_oracle(x, t) + c * y[:, None]
+
+    out = losses.eps_loss(functools.partial(cond_net, y=labels), process, X0, key=KEY)
+    np.testing.assert_allclose(out, (c * labels) ** 2, rtol=1e-9, atol=1e-12)
+
+
+def test_explicit_time_gives_same_noise_as_sampled_time():
+    process = VP()
+    t = losses.uniform_time(process)(jax.random.split(KEY)[0], (6,), jnp.float64)
+    a = losses.eps_loss(net, process, X0, key=KEY)
+    b = losses.eps_loss(net, process, X0, key=KEY, t=t)
+    np.testing.assert_allclose(a, b, rtol=1e-14)
+
+
+def test_bad_input_raises():
+    process = VP()
+    bad = X0.at[2, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match="x0 contains NaN"):
+        losses.eps_loss(net, process, bad, key=KEY)
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(batch,\)"):
+        losses.eps_loss(net, process, X0, key=KEY, t=jnp.full((5,), 0.5))
+    with pytest.raises(ValueError, match="t must lie in"):
+        losses.eps_loss(net, process, X0, key=KEY, t=2.0)
+    with pytest.raises(ValueError, match="Unknown weighting 'snr'"):
+        losses.dsm_loss(net, process, X0, key=KEY, weighting="snr")
+    with pytest.raises(ValueError, match="apply_fn"):
+        losses.eps_loss(lambda x, t: x[:, :2], process, X0, key=KEY)
+    with pytest.raises(TypeError, match="x0 must be a floating array"):
+        losses.eps_loss(net, process, jnp.ones((6, 3), jnp.int32), key=KEY)
