@@ -2,11 +2,71 @@
 
 Two flows: process -> loss -> train step -> checkpoint, and
 network -> denoiser -> sampler (scan) or SDE/ODE (diffrax) -> samples.
+
+The core (processes, parameterization, losses, analytic, schedules, samplers, sde, guidance,
+likelihood, editing, geometry, metrics) needs only jax, diffrax and numpy and is imported here.
+The training side (``nets``, ``training``, ``data``, ``checkpoint``: Flax, optax, orbax, grain)
+is imported on first access, so ``import jaxdiff`` stays light for users with their own models.
 """
 
-from jaxdiff import analytic, parameterization, processes, samplers, schedules
+import importlib
+
+from jaxdiff import (
+    analytic,
+    editing,
+    geometry,
+    guidance,
+    likelihood,
+    losses,
+    metrics,
+    parameterization,
+    processes,
+    samplers,
+    schedules,
+    sde,
+)
 from jaxdiff.parameterization import Denoiser, denoiser, eps, score
 from jaxdiff.processes import EDM, VE, VP, Process, RectifiedFlow, SubVP, VPCosine
 from jaxdiff.samplers import Sampler, SampleResult, sample
 
 __version__ = "0.1.0"
+
+_LAZY = ("nets", "training", "data", "checkpoint")
+
+__all__ = [
+    "analytic",
+    "editing",
+    "geometry",
+    "guidance",
+    "likelihood",
+    "losses",
+    "metrics",
+    "parameterization",
+    "processes",
+    "samplers",
+    "schedules",
+    "sde",
+    *_LAZY,
+    "Denoiser",
+    "denoiser",
+    "eps",
+    "score",
+    "Process",
+    "VP",
+    "VPCosine",
+    "SubVP",
+    "VE",
+    "EDM",
+    "RectifiedFlow",
+    "Sampler",
+    "SampleResult",
+    "sample",
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f"jaxdiff.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")

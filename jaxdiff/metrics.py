@@ -142,10 +142,12 @@ def _mmd2(x, y, bandwidths):
     return _off_diagonal_mean(kxx) + _off_diagonal_mean(kyy) - 2 * jnp.mean(kxy)
 
 
+@jax.jit
 def _median_bandwidth(x, y):
+    """Median pairwise distance of the pooled sets (off-diagonal entries; each pair twice)."""
     z = jnp.concatenate([x, y])
-    d2 = _sq_dists(z, z)
-    return jnp.sqrt(jnp.median(d2[jnp.triu_indices(z.shape[0], 1)]))
+    d2 = jnp.where(jnp.eye(z.shape[0], dtype=bool), jnp.nan, _sq_dists(z, z))
+    return jnp.sqrt(jnp.nanmedian(d2))
 
 
 def mmd(x, y, bandwidths=None):
@@ -178,6 +180,8 @@ def gaussian_stats(features):
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must have shape (n, d) with n >= 2; got {f.shape}.")
+    if not np.all(np.isfinite(f)):
+        raise ValueError("features contain NaN or inf: check the samples (a diverged sampler?).")
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 

@@ -18,6 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from jaxdiff.processes import Process
@@ -96,3 +100,381 @@ def _clip(process, ts):
     """Remove round-off outside ``[t_min, t_max]`` and pin the end points exactly."""
     ts = jnp.clip(ts, process.t_min, process.t_max)
     return ts.at[0].set(process.t_max).at[-1].set(process.t_min) if ts.shape[0] > 1 else ts
+
+
+# --- grids fitted to a denoiser: GITS and gradient descent through a sampler ---------------------
+__all__ += ["gits", "optimize", "fine_trajectory"]
+
+
+def _log_snr_ends(process: Process, dtype):
+    """:math:`(\\lambda(t_{max}), \\lambda(t_{min}))` in ``dtype``."""
+    lam = process.log_snr(jnp.asarray([process.t_max, process.t_min], dtype))
+    return lam[0], lam[1]
+
+
+def _refine(process: Process, ts, r: int):
+    """Insert ``r - 1`` log-SNR-uniform points between neighbours of the body of ``ts`` (last 0 kept)."""
+    lam = process.log_snr(ts[:-1])
+    u = jnp.arange(r, dtype=lam.dtype) / r
+    fine = (lam[:-1, None] + u * (lam[1:] - lam[:-1])[:, None]).reshape(-1)
+    body = process.t_from_log_snr(jnp.concatenate([fine, lam[-1:]]))
+    return append_zero(_clip(process, body))
+
+
+def fine_trajectory(process: Process, denoise, x_T, ts, *, teacher=None, refine: int = 2):
+    r"""A high-accuracy solve of the probability-flow ODE from ``x_T``, saved at the times ``ts``.
+
+    The teacher sampler (default ``jaxdiff.samplers.heun(process)``, second order) runs on ``ts``
+    with ``refine - 1`` extra log-SNR-uniform points between neighbours; the returned trajectory
+    has one point per entry of ``ts`` (shape ``(len(ts), *x_T.shape)``; the point at a final 0 is
+    the teacher's sample). It is the reference of :func:`gits` and :func:`optimize`.
+    """
+    from jaxdiff.samplers import heun, sample
+
+    if not isinstance(refine, int) or refine < 1:
+        raise ValueError(f"refine must be a positive int; got {refine!r}.")
+    ts = jnp.asarray(ts, jnp.result_type(x_T))
+    if float(ts[-1]) != 0.0:
+        raise ValueError("ts must end with 0 (the teacher's sample); build it with a schedule.")
+    teacher = heun(process) if teacher is None else teacher
+    res = sample(teacher, denoise, x_T, _refine(process, ts, refine), save_trajectory=True)
+    return jnp.concatenate([res.xs[:-1:refine], res.xs[-1:]])
+
+
+def _edm_scale(process: Process, ts, x):
+    """:math:`1/\\alpha_t` broadcast against a trajectory ``x`` of shape ``(len(ts), ...)``."""
+    return (1.0 / process.alpha(ts)).reshape(ts.shape + (1,) * (x.ndim - 1))
+
+
+@eqx.filter_jit
+def _ddim_costs(process: Process, denoise, traj, ts):
+    r"""``C[i, j]``: mean error of one DDIM step from the teacher at ``ts[i]`` to ``ts[j]``.
+
+    Measured in EDM coordinates (:math:`\tilde x = x/\alpha_t`), where DDIM is the convex
+    combination :math:`\tilde x_j = r\tilde x_i + (1 - r)D_i`, :math:`r = \tilde\sigma_j/\tilde\sigma_i`.
+    """
+    scaled = traj * _edm_scale(process, ts, traj)
+    x0 = jax.lax.map(lambda a: denoise(a[0], a[1]), (traj[:-1], ts[:-1]))
+    sig = jnp.exp(-0.5 * process.log_snr(ts[:-1]))
+    sig = jnp.concatenate([sig, jnp.zeros((1,), sig.dtype)])  # noise level 0 at t = 0
+
+    def row(args):
+        xi, d, si = args
+        r = (sig / si).reshape((-1,) + (1,) * xi.ndim)
+        err = r * (xi - d) + d - scaled
+        return jnp.mean(jnp.sqrt(jnp.sum(err.reshape(err.shape[:2] + (-1,)) ** 2, -1)), -1)
+
+    return jax.lax.map(row, (scaled[:-1], x0, sig[:-1]))
+
+
+@eqx.filter_jit
+def _sampler_costs(sampler, denoise, traj, ts):
+    """``C[i, j]`` for a one-step method: ``sampler.step`` from its ``init`` state (any sampler)."""
+    m = ts.shape[0]
+    scaled = traj * _edm_scale(_process_of(sampler), ts, traj)
+
+    def row(args):
+        xi, ti = args
+
+        def to(tj):
+            grid = jnp.stack([ti, tj])
+            out = sampler.step(denoise, xi, sampler.init(xi, grid), grid, 0, jax.random.key(0))
+            return out[0] / _process_of(sampler).alpha(tj)
+
+        pred = jax.vmap(to)(ts[:-1])
+        err = pred - scaled[:-1]
+        last = denoise(xi, ti) - traj[-1]  # the final step into 0 returns the denoiser output
+        err = jnp.concatenate([err, last[None]])
+        return jnp.mean(jnp.sqrt(jnp.sum(err.reshape(err.shape[:2] + (-1,)) ** 2, -1)), -1)
+
+    costs = jax.lax.map(row, (traj[:-1], ts[:-1]))
+    return costs.reshape(m - 1, m)
+
+
+def _process_of(sampler):
+    if getattr(sampler, "process", None) is None:
+        raise ValueError(
+            f"{getattr(sampler, 'name', sampler)} has no process; build it with a factory of "
+            "jaxdiff.samplers (e.g. ddim(process))."
+        )
+    return sampler.process
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shortest_path(costs, n: int, coeff):
+    r"""Dynamic program: the ``n``-step increasing path ``0 -> m - 1`` of least weighted cost.
+
+    ``costs`` is ``(m - 1, m)`` with ``costs[i, j]`` the cost of the step ``i -> j`` (only
+    ``j > i`` allowed); step ``k`` (from 0) is weighted by ``coeff**k`` as in GITS' Algorithm 1.
+    """
+    m = costs.shape[1]
+    costs = jnp.concatenate([costs, jnp.full((1, m), jnp.inf, costs.dtype)])
+    i, j = jnp.meshgrid(jnp.arange(m), jnp.arange(m), indexing="ij")
+    costs = jnp.where(j > i, costs, jnp.inf)
+
+    def forward(best, k):
+        total = best[:, None] + coeff**k * costs
+        return jnp.min(total, axis=0), jnp.argmin(total, axis=0)
+
+    start = jnp.full((m,), jnp.inf, costs.dtype).at[0].set(0.0)
+    best, back = jax.lax.scan(forward, start, jnp.arange(n, dtype=costs.dtype))
+
+    def backward(node, back_k):
+        prev = back_k[node]
+        return prev, prev
+
+    _, path = jax.lax.scan(backward, m - 1, back, reverse=True)
+    return jnp.concatenate([path, jnp.array([m - 1])]), best[m - 1]
+
+
+def gits(
+    process: Process,
+    denoise,
+    x_T,
+    n: int,
+    *,
+    sampler=None,
+    fine_steps: int = 120,
+    fine_grid=None,
+    teacher=None,
+    refine: int = 2,
+    coeff: float = 1.0,
+    pin_t_min: bool = False,
+):
+    r"""Geometry-inspired time scheduling (GITS; Chen et al. 2024, "On the Trajectory Regularity
+    of ODE-based Diffusion Sampling", Alg. 1): an ``n``-step grid chosen by dynamic programming.
+
+    1. A teacher (:func:`fine_trajectory`) solves the probability-flow ODE from the warm-up
+       samples ``x_T`` on a fine grid :math:`s_0 = t_{max} > \dots > s_{F-1} = t_{min} > s_F = 0`
+       (default: ``fine_steps`` log-SNR-uniform points).
+    2. The cost of a coarse step :math:`s_i \to s_j` is the error of one step of ``sampler``
+       (default DDIM) started *on* the teacher trajectory, averaged over the warm-up samples,
+       in EDM coordinates :math:`\tilde x = x/\alpha_t`:
+
+       .. math:: C_{ij} = \mathbb E\,\big\|\Phi(x^{\star}_{s_i}, s_i \to s_j)/\alpha_{s_j}
+          - x^{\star}_{s_j}/\alpha_{s_j}\big\|,
+
+       and the step into 0 returns :math:`D(x^\star_{s_i}, s_i)` (the engine's last step).
+    3. Dynamic programming finds the path :math:`0 = p_0 < \dots < p_n = F` minimizing
+       :math:`\sum_k \gamma^k C_{p_k p_{k+1}}` (``coeff`` = :math:`\gamma`, the paper's
+       cost-scaling factor; 1 weighs every step alike).
+
+    Returns ``n + 1`` decreasing times from ``t_max`` ending with 0, like the hand-made grids.
+    The last time before 0 is where the final denoising happens: chosen by the program unless
+    ``pin_t_min=True`` fixes it at ``t_min`` (the convention of the hand-made grids).
+
+    A GITS grid is tuned for one-step solvers (DDIM, Heun, DPM-Solver-2); multistep solvers can
+    do worse on it than on a hand-made grid: use :func:`optimize` for them.
+
+    Example:
+        >>> vp = jaxdiff.VP()                                          # doctest: +SKIP
+        >>> warm = vp.prior_sample((64, 8), key=jax.random.key(0))
+        >>> ts = jaxdiff.schedules.gits(vp, denoise, warm, 6)
+        >>> jaxdiff.sample(jaxdiff.samplers.ddim(vp), denoise, x_T, ts)
+    """
+    _check_n(n)
+    x_T = jnp.asarray(x_T)
+    dtype = jnp.result_type(x_T)
+    fine = _fine_grid(process, fine_steps, fine_grid, dtype)
+    m = fine.shape[0]
+    if n > m - 1 or (pin_t_min and n > 1 and n > m - 2):
+        raise ValueError(f"n = {n} steps need a finer grid: the fine grid has only {m - 1} steps.")
+    traj = fine_trajectory(process, denoise, x_T, fine, teacher=teacher, refine=refine)
+    if sampler is None:
+        costs = _ddim_costs(process, denoise, traj, fine)
+    else:
+        costs = _sampler_costs(sampler, denoise, traj, fine)
+    if pin_t_min and n > 1:  # the last step must start at t_min
+        costs = costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1])
+    path, _ = _shortest_path(costs, n, jnp.asarray(coeff, costs.dtype))
+    return fine[path]
+
+
+def _fine_grid(process: Process, fine_steps, fine_grid, dtype):
+    if fine_grid is None:
+        if not isinstance(fine_steps, int) or fine_steps < 2:
+            raise ValueError(f"fine_steps must be an int >= 2; got {fine_steps!r}.")
+        return log_snr_uniform(process, fine_steps, dtype=dtype)
+    from jaxdiff.samplers import check_grid
+
+    fine = jnp.asarray(fine_grid, dtype)
+    check_grid(fine, process)
+    if float(fine[-1]) != 0.0 or float(fine[0]) != float(jnp.asarray(process.t_max, dtype)):
+        raise ValueError("fine_grid must start at process.t_max and end with 0.")
+    return fine
+
+
+def _grid_from_logits(process: Process, theta, n: int, pin_t_min: bool, dtype):
+    r"""``n + 1`` times from logits: softmax gaps in log-SNR between the end points, then 0.
+
+    ``pin_t_min``: ``n - 1`` logits, the ``n - 1`` gaps from :math:`\lambda(t_{max})` to
+    :math:`\lambda(t_{min})`. Otherwise ``n`` logits, the last one a slack gap left unused, so the
+    last time before 0 may lie above ``t_min``. Increasing log-SNR keeps the grid ordered.
+    """
+    lam_max, lam_min = _log_snr_ends(process, dtype)
+    frac = jnp.cumsum(jax.nn.softmax(theta))[: n - 1]
+    lam = lam_max + (lam_min - lam_max) * jnp.concatenate([jnp.zeros((1,), dtype), frac])
+    ts = jnp.clip(process.t_from_log_snr(lam), process.t_min, process.t_max)
+    ts = ts.at[0].set(process.t_max)
+    if pin_t_min:
+        ts = ts.at[-1].set(process.t_min)
+    return append_zero(ts.astype(dtype))
+
+
+def _logits_from_grid(process: Process, ts, n: int, pin_t_min: bool, dtype):
+    """Inverse of :func:`_grid_from_logits` (up to a constant), for an initial grid."""
+    ts = jnp.asarray(ts, dtype)
+    if ts.shape != (n + 1,) or float(ts[-1]) != 0.0:
+        raise ValueError(f"init must be a grid of n + 1 = {n + 1} times ending with 0; got {ts}.")
+    lam_max, lam_min = _log_snr_ends(process, dtype)
+    lam = jnp.concatenate([process.log_snr(ts[:-1]), jnp.reshape(lam_min, (1,))])
+    gaps = jnp.diff(lam) / (lam_min - lam_max)
+    gaps = gaps[:-1] if pin_t_min else gaps
+    return jnp.log(jnp.maximum(gaps, 1e-3 / n))
+
+
+def _targets(process: Process, denoise, x_T, teacher, fine_steps, refine):
+    """The teacher's samples from ``x_T``: given, or by :func:`fine_trajectory`."""
+    from jaxdiff.samplers import Sampler
+
+    if teacher is None or isinstance(teacher, Sampler):
+        fine = log_snr_uniform(process, fine_steps, dtype=jnp.result_type(x_T))
+        return fine_trajectory(process, denoise, x_T, fine, teacher=teacher, refine=refine)[-1]
+    targets = jnp.asarray(teacher, jnp.result_type(x_T))
+    if targets.shape != x_T.shape:
+        raise ValueError(
+            f"teacher samples must have the shape of x_T {x_T.shape}; got {targets.shape}. "
+            "Pass a Sampler (or None) to compute them."
+        )
+    return targets
+
+
+def optimize(
+    sampler,
+    denoise,
+    x_T,
+    n: int,
+    *,
+    teacher=None,
+    steps: int = 300,
+    lr: float = 0.05,
+    init=None,
+    key=None,
+    pin_t_min: bool = False,
+    fine_steps: int = 200,
+    refine: int = 2,
+    optimizer=None,
+):
+    r"""A time grid for one sampler, by gradient descent on its error against a teacher.
+
+    The grid is parametrized by logits :math:`\theta`: its log-SNR gaps between
+    :math:`\lambda(t_{max})` and :math:`\lambda(t_{min})` are
+    :math:`(\lambda_{min} - \lambda_{max})\,\mathrm{softmax}(\theta)`, so every iterate is a valid,
+    strictly decreasing grid. The loss is the mean distance of the sampler's output from the
+    teacher's samples of the same warm-up noise ``x_T``,
+
+    .. math:: L(\theta) = \frac1B\sum_b \big\|\mathrm{sample}(x_T^{(b)}; t(\theta))
+        - x_0^{\star(b)}\big\|,
+
+    differentiated through the whole scan of ``jaxdiff.sample`` (the sampler is a differentiable
+    function of its grid) and minimized with Adam (optax) for ``steps`` iterations, compiled
+    as one loop. The best grid seen is returned (``n + 1`` times ending with 0). A non-finite
+    gradient (a sampler branch dividing by zero) skips that update.
+
+    Unlike :func:`gits`, whose step cost follows the teacher, this measures the sampler along
+    its own path, so it also suits multistep solvers (DPM-Solver++(2M), iPNDM, UniPC).
+
+    Args:
+        sampler: any sampler built by a factory of :mod:`jaxdiff.samplers` (it gives the process).
+        denoise: the denoiser (a pytree such as an ``eqx.Module`` or a ``jax.tree_util.Partial``
+            keeps its arrays traced).
+        x_T: warm-up noise, e.g. ``process.prior_sample((32, *shape), key=...)``.
+        n: number of steps (NFE for one-evaluation-per-step samplers).
+        teacher: the reference samples from ``x_T`` (an array shaped like ``x_T``), or a
+            sampler for :func:`fine_trajectory` (default Heun on ``fine_steps`` log-SNR steps).
+        steps: Adam iterations; ``lr`` its learning rate on the logits.
+        init: the starting grid (an array of ``n + 1`` times, or a schedule function
+            ``f(process, n)``); by default the best of the hand-made grids on the warm-up set.
+        key: PRNG key for a stochastic sampler.
+        pin_t_min: keep the last time before 0 at ``t_min`` (else it is optimized too).
+        optimizer: an optax ``GradientTransformation`` replacing ``optax.adam(lr)``.
+
+    Example:
+        >>> sampler = jaxdiff.samplers.dpm_solver_pp(vp, order=2)              # doctest: +SKIP
+        >>> ts = jaxdiff.schedules.optimize(sampler, denoise, warm_up_noise, 6)
+    """
+    _check_n(n)
+    process = _process_of(sampler)
+    x_T = jnp.asarray(x_T)
+    dtype = jnp.result_type(x_T)
+    if n <= (2 if pin_t_min else 1):  # nothing to choose
+        return log_snr_uniform(process, n, dtype=dtype)
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int; got {steps!r}.")
+    targets = _targets(process, denoise, x_T, teacher, fine_steps, refine)
+    candidates = _candidates(process, init, n, dtype)
+    logits = jnp.stack([_logits_from_grid(process, ts, n, pin_t_min, dtype) for ts in candidates])
+    opt = _adam(lr) if optimizer is None else optimizer
+    key = jax.random.key(0) if key is None else key
+    theta = _fit(sampler, denoise, x_T, targets, logits, key, n, pin_t_min, steps, opt)
+    return _grid_from_logits(process, theta, n, pin_t_min, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(lr):
+    """One ``optax.adam`` per learning rate, so that a repeated call hits the compile cache."""
+    import optax
+
+    return optax.adam(lr)
+
+
+def _candidates(process, init, n, dtype):
+    """Initial grids: ``init`` (grids or schedule functions) or a family of hand-made grids."""
+    if init is None:
+        init = [uniform, log_snr_uniform]
+        init += [functools.partial(polynomial, power=p) for p in (1.5, 2.0, 3.0)]
+        init += [functools.partial(karras, rho=r) for r in (3.0, 5.0, 7.0)]
+    elif callable(init) or jnp.ndim(init) == 1:
+        init = [init]
+    return [jnp.asarray(g(process, n) if callable(g) else g, dtype) for g in init]
+
+
+def _grid_loss(sampler, denoise, x_T, targets, key, n, pin_t_min):
+    """``theta -> mean_b ||sample(x_T; grid(theta)) - target_b||``."""
+    from jaxdiff.samplers.base import _run  # the engine, told that the grid ends with 0
+
+    dtype = jnp.result_type(x_T)
+
+    def loss(theta):
+        ts = _grid_from_logits(sampler.process, theta, n, pin_t_min, dtype)
+        x = _run(sampler, denoise, x_T, ts, key, False, True).x
+        err = (x - targets).reshape(x.shape[0], -1)
+        return jnp.mean(jnp.sqrt(jnp.sum(err**2, axis=-1)))
+
+    return loss
+
+
+@eqx.filter_jit
+def _fit(sampler, denoise, x_T, targets, logits, key, n, pin_t_min, steps, opt):
+    """``steps`` optimizer updates from every row of ``logits`` at once (one compiled scan, the
+    starts vmapped); returns the logits of least warm-up loss seen along any of the runs."""
+    loss = _grid_loss(sampler, denoise, x_T, targets, key, n, pin_t_min)
+    grad_fn = jax.vmap(jax.value_and_grad(loss))
+
+    def body(carry, _):
+        theta, state, best, best_theta = carry
+        value, grad = grad_fn(theta)
+        ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(grad), axis=-1)
+        better = ok & (value < best)
+        best = jnp.where(better, value, best)
+        best_theta = jnp.where(better[:, None], theta, best_theta)
+        updates, state = jax.vmap(opt.update)(jnp.where(ok[:, None], grad, 0.0), state, theta)
+        return (theta + updates, state, best, best_theta), value
+
+    best = jnp.full(logits.shape[:1], jnp.inf, logits.dtype)
+    init = (logits, jax.vmap(opt.init)(logits), best, logits)
+    (theta, _, best, best_theta), _ = jax.lax.scan(body, init, None, length=steps)
+    last = jax.vmap(loss)(theta)
+    better = jnp.isfinite(last) & (last < best)
+    best, best_theta = jnp.where(better, last, best), jnp.where(better[:, None], theta, best_theta)
+    return best_theta[jnp.argmin(best)]

@@ -81,12 +81,19 @@ term = diffrax.ODETerm(lambda t, x, _: process.conditional_velocity(x, x0, t))
 x_a = process.marginal(jnp.repeat(x0, 16, 0), eps, t_a)
 ts_plot = jnp.linspace(t_a, t_b, 60)
 sol = diffrax.diffeqsolve(
-    term, diffrax.Tsit5(), t_a, t_b, 0.01, x_a,
+    term,
+    diffrax.Tsit5(),
+    t_a,
+    t_b,
+    0.01,
+    x_a,
     saveat=diffrax.SaveAt(ts=ts_plot),
     stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
 )
 exact_end = process.marginal(jnp.repeat(x0, 16, 0), eps, t_b)
-print("conditional ODE end vs alpha x0 + sigma eps:", float(jnp.max(jnp.abs(sol.ys[-1] - exact_end))))
+print(
+    "conditional ODE end vs alpha x0 + sigma eps:", float(jnp.max(jnp.abs(sol.ys[-1] - exact_end)))
+)
 
 
 def forward_sde_paths(x_start, t_grid, key):
@@ -150,8 +157,9 @@ denoise = target.denoiser(process)
 x_T = process.prior_sample((N, 2), key=jax.random.key(4), dtype=jnp.float64)
 ts = schedules.log_snr_uniform(process, 100)
 ode = jaxdiff.sample(samplers.ddim(process), denoise, x_T, ts, save_trajectory=True)
-rsde = jaxdiff.sample(samplers.ddpm(process), denoise, x_T, ts, key=jax.random.key(5),
-                      save_trajectory=True)
+rsde = jaxdiff.sample(
+    samplers.ddpm(process), denoise, x_T, ts, key=jax.random.key(5), save_trajectory=True
+)
 ode_diffrax = sde.solve_ode(process, denoise, x_T)
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -166,10 +174,18 @@ for ax in axes:
     ax.set_xlim(-4.5, 4.5)
     ax.set_ylim(-4.5, 4.5)
 plt.show()
-print("DDIM (100 steps) vs diffrax PF-ODE end points, max |diff| at t_min:",
-      float(jnp.max(jnp.abs(ode.xs[-2] - ode_diffrax.ys[-1]))))
-print("means: data", np.asarray(data.mean(0)), "SDE", np.asarray(rsde.x.mean(0)),
-      "ODE", np.asarray(ode.x.mean(0)))
+print(
+    "DDIM (100 steps) vs diffrax PF-ODE end points, max |diff| at t_min:",
+    float(jnp.max(jnp.abs(ode.xs[-2] - ode_diffrax.ys[-1]))),
+)
+print(
+    "means: data",
+    np.asarray(data.mean(0)),
+    "SDE",
+    np.asarray(rsde.x.mean(0)),
+    "ODE",
+    np.asarray(ode.x.mean(0)),
+)
 
 # %% [markdown]
 # ## 4. Noise prediction = score matching up to a constant

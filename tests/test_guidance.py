@@ -7,6 +7,7 @@ with every available sampler lands in the guided class; the scale is traced (no 
 """
 
 import importlib
+import pkgutil
 
 import equinox as eqx
 import jax
@@ -60,68 +61,77 @@ def points(process, n=6, key=0):
     return x, t, jnp.arange(n) % K
 
 
-def conditional(process, x, t, y):
+@eqx.filter_jit
+def call(fns, x, t):
+    """Evaluate one denoiser or a tuple of them, compiled (one XLA program, not op by op)."""
+    return jax.tree.map(lambda f: f(x, t), fns, is_leaf=callable)
+
+
+def conditional(process, y):
     """The exact class-conditional denoiser E[x0 | x_t, y] (component y of the mixture)."""
-    return LabelDenoiser(process)(x, t, y)
+    return jax.tree_util.Partial(LabelDenoiser(process), y=y)
 
 
 # --- exact identities --------------------------------------------------------------------------
-@parametrize
-def test_classifier_guidance_scale_one_is_the_conditional_denoiser(process):
+SCALES = (0.0, 0.5, 1.0, 2.5)
+
+
+@pytest.fixture(scope="module", params=PROCESSES, ids=lambda p: type(p).__name__)
+def exact(request):
+    """Conditional, unconditional and guided denoisers at each scale, in one compiled call."""
+    process = request.param
     x, t, y = points(process)
-    guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
-    np.testing.assert_allclose(guided(x, t), conditional(process, x, t, y), rtol=0, atol=1e-8)
+    cond, uncond, lp = conditional(process, y), MIX.denoiser(process), ExactLogProb(process, y)
+    fns = {
+        "cond": cond,
+        "uncond": uncond,
+        "cfg": tuple(guidance.classifier_free(cond, uncond, w) for w in SCALES),
+        "cg": tuple(guidance.classifier(process, uncond, lp, w) for w in SCALES),
+    }
+    return call(fns, x, t)
 
 
-@parametrize
-def test_classifier_free_scale_one_conditional_zero_unconditional(process):
-    x, t, y = points(process)
-    cond, uncond = conditional(process, x, t, y), MIX.denoiser(process)(x, t)
-    cond_fn = jax.tree_util.Partial(LabelDenoiser(process), y=y)
-    uncond_fn = MIX.denoiser(process)
-    g = lambda w: guidance.classifier_free(lambda x, t: cond_fn(x, t), uncond_fn, w)(x, t)
-    np.testing.assert_allclose(g(1.0), cond, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(g(0.0), uncond, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(g(2.5), uncond + 2.5 * (cond - uncond), rtol=0, atol=1e-12)
+def test_classifier_guidance_scale_one_is_the_conditional_denoiser(exact):
+    np.testing.assert_allclose(exact["cg"][SCALES.index(1.0)], exact["cond"], rtol=0, atol=1e-8)
 
 
-@parametrize
-def test_classifier_guidance_equals_classifier_free_at_every_scale(process):
+def test_classifier_free_scale_one_conditional_zero_unconditional(exact):
+    c, u = exact["cond"], exact["uncond"]
+    np.testing.assert_allclose(exact["cfg"][SCALES.index(1.0)], c, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(exact["cfg"][SCALES.index(0.0)], u, rtol=0, atol=1e-12)
+    for w, g in zip(SCALES, exact["cfg"], strict=True):
+        np.testing.assert_allclose(g, u + w * (c - u), rtol=0, atol=1e-12)
+
+
+def test_classifier_guidance_equals_classifier_free_at_every_scale(exact):
     # With exact models, w * sigma^2/alpha * grad log p(y|x) = w * (x0_cond - x0_uncond).
-    x, t, y = points(process)
-    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
-    for w in (0.0, 0.5, 3.0):
-        cfg = guidance.classifier_free(cond, MIX.denoiser(process), w)
-        cg = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), w)
-        np.testing.assert_allclose(cg(x, t), cfg(x, t), rtol=0, atol=1e-8)
+    for w, cg, cfg in zip(SCALES, exact["cg"], exact["cfg"], strict=True):
+        np.testing.assert_allclose(cg, cfg, rtol=0, atol=1e-8, err_msg=f"scale {w}")
 
 
 def test_classifier_free_is_the_same_combination_in_eps_and_score_space():
     process = VP()
     x, t, y = points(process)
-    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
-    uncond, w = MIX.denoiser(process), 4.0
+    cond, uncond, w = conditional(process, y), MIX.denoiser(process), 4.0
     guided = guidance.classifier_free(cond, uncond, w)
     for adapter in (jaxdiff.eps, jaxdiff.score):
-        a_c, a_u = adapter(process, cond)(x, t), adapter(process, uncond)(x, t)
-        ref = a_u + w * (a_c - a_u)
-        np.testing.assert_allclose(adapter(process, guided)(x, t), ref, rtol=1e-9, atol=1e-9)
+        g, a_c, a_u = call(tuple(adapter(process, f) for f in (guided, cond, uncond)), x, t)
+        np.testing.assert_allclose(g, a_u + w * (a_c - a_u), rtol=1e-9, atol=1e-9)
 
 
 def test_per_example_scale_and_guidance_interval():
     process = VP()
     x, t, y = points(process, n=6)
-    cond = lambda x, t: LabelDenoiser(process)(x, t, y)
-    c, u = cond(x, t), MIX.denoiser(process)(x, t)
-    w = jnp.arange(6.0)
-    per_example = guidance.classifier_free(cond, MIX.denoiser(process), w)(x, t)
-    np.testing.assert_allclose(per_example, u + w[:, None] * (c - u), atol=1e-12)
+    cond, uncond = conditional(process, y), MIX.denoiser(process)
+    w, lo, hi = jnp.arange(6.0), float(t[1]), float(t[3])
+    per_example = guidance.classifier_free(cond, uncond, w)
+    interval = guidance.classifier_free(cond, uncond, 3.0, interval=(lo, hi))
+    g, gi, c, u = call((per_example, interval, cond, uncond), x, t)
+    np.testing.assert_allclose(g, u + w[:, None] * (c - u), atol=1e-12)
     # Inside [t_lo, t_hi] the scale applies, outside the conditional model (scale 1).
-    lo, hi = float(t[1]), float(t[3])
-    out = guidance.classifier_free(cond, MIX.denoiser(process), 3.0, interval=(lo, hi))(x, t)
     inside = (t >= lo) & (t <= hi)
     assert int(inside.sum()) == 3
-    np.testing.assert_allclose(out, jnp.where(inside[:, None], u + 3.0 * (c - u), c), atol=1e-12)
+    np.testing.assert_allclose(gi, jnp.where(inside[:, None], u + 3.0 * (c - u), c), atol=1e-12)
 
 
 def test_classifier_free_labels_is_one_doubled_batch_call():
@@ -133,11 +143,10 @@ def test_classifier_free_labels_is_one_doubled_batch_call():
         calls.append(x.shape)
         return LabelDenoiser(process)(x, t, labels)
 
-    ref = guidance.classifier_free(lambda x, t: denoise_y(x, t, y), MIX.denoiser(process), 2.0)
-    ref = ref(x, t)
-    calls.clear()
-    out = guidance.classifier_free_labels(denoise_y, y, 2.0, null_label=K)(x, t)
-    assert calls == [(2 * x.shape[0], 2)]
+    ref = guidance.classifier_free(conditional(process, y), MIX.denoiser(process), 2.0)
+    guided = guidance.classifier_free_labels(denoise_y, y, 2.0, null_label=K)
+    out, ref = call((guided, ref), x, t)
+    assert calls == [(2 * x.shape[0], 2)]  # traced once: one call on the doubled batch
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
 
 
@@ -154,13 +163,13 @@ def test_float32_in_float32_out():
     x, t, y = points(process)
     x32, t32 = x.astype(jnp.float32), t.astype(jnp.float32)
     mix = jax.tree.map(lambda a: a.astype(jnp.float32), MIX)
-    cond = lambda x, t: LabelDenoiser(process, mix)(x, t, y)
+    cond = jax.tree_util.Partial(LabelDenoiser(process, mix), y=y)
     cg = guidance.classifier(process, mix.denoiser(process), ExactLogProb(process, y, mix), 2.0)
     cfg = guidance.classifier_free(cond, mix.denoiser(process), 2.0, interval=(0.1, 0.5))
     dt = guidance.dynamic_threshold(cfg, 0.9, 2.0)
-    outs = [fn(x32, t32) for fn in (cg, cfg, dt)]
+    outs = call((cg, cfg, dt), x32, t32)  # float32 end to end
     assert [o.dtype for o in outs] == [jnp.float32] * 3
-    np.testing.assert_allclose(outs[0], cg(x, t), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs[0], call(cg, x, t), rtol=1e-4, atol=1e-4)
 
 
 # --- thresholding ------------------------------------------------------------------------------
@@ -169,13 +178,13 @@ def test_dynamic_threshold_bounds_and_leaves_in_range_predictions_unchanged():
         jax.random.normal(jax.random.key(0), (5, 4, 4))
         * jnp.array([0.2, 1.0, 3.0, 10.0, 0.5])[:, None, None]
     )
-    out = guidance.dynamic_threshold(lambda x, t: x, percentile=0.9, max_value=1.5)(big, 0.3)
+    out = call(guidance.dynamic_threshold(lambda x, t: x, percentile=0.9, max_value=1.5), big, 0.3)
     assert float(jnp.max(jnp.abs(out))) <= 1.5 + 1e-12
     in_range = jnp.max(jnp.abs(big), axis=(1, 2)) <= 1.5
     assert int(in_range.sum()) == 2  # scales 0.2 and 0.5 (max |x| 0.6 and 1.4)
     np.testing.assert_array_equal(out[in_range], big[in_range])
     # percentile 1: s = max|x0|, so an out-of-range example is rescaled to max |x0| = m exactly.
-    full = guidance.dynamic_threshold(lambda x, t: x, percentile=1.0, max_value=1.5)(big, 0.3)
+    full = call(guidance.dynamic_threshold(lambda x, t: x, percentile=1.0, max_value=1.5), big, 0.3)
     s = jnp.max(jnp.abs(big), axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(full, jnp.where(s > 1.5, big * 1.5 / s, big), rtol=1e-14)
 
@@ -199,18 +208,18 @@ SAMPLERS = [
     ("unipc", {}, 15),
     ("ddpm", {}, 60),
     ("euler_maruyama", {}, 100),
+    ("predictor_corrector", {"predictor": "ddpm"}, 40),
 ]
 
 
 def _factory(name):
-    """A sampler factory from jaxdiff.samplers (or its submodule), or None when not written yet."""
+    """A sampler factory from jaxdiff.samplers or any of its modules; None when not written yet."""
     if hasattr(jaxdiff.samplers, name):
         return getattr(jaxdiff.samplers, name)
-    for module in (name, name.split("_")[0]):
-        try:
-            return getattr(importlib.import_module(f"jaxdiff.samplers.{module}"), name)
-        except (ImportError, AttributeError):
-            continue
+    for info in pkgutil.iter_modules(jaxdiff.samplers.__path__):
+        module = importlib.import_module(f"jaxdiff.samplers.{info.name}")
+        if callable(getattr(module, name, None)):
+            return getattr(module, name)
     return None
 
 
@@ -232,6 +241,8 @@ def test_classifier_guided_sampling_lands_in_the_class(name, kwargs, steps, prio
     if factory is None:
         pytest.skip(f"jaxdiff.samplers.{name} not available")
     process, y = VP(), 2  # the class of weight 0.2: unguided sampling would give ~20%
+    if "predictor" in kwargs:  # a sampler built from another one
+        kwargs = {**kwargs, "predictor": _factory(kwargs["predictor"])(process)}
     sampler = factory(process, **kwargs)
     guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
     res = jaxdiff.sample(
@@ -242,12 +253,19 @@ def test_classifier_guided_sampling_lands_in_the_class(name, kwargs, steps, prio
     assert mean_err < 0.15, (name, mean_err)
 
 
-def test_classifier_guided_probability_flow_ode_with_diffrax(prior):
+@pytest.mark.parametrize("kind", ["ode", "sde"])
+def test_guided_sampling_with_diffrax(kind, prior):
+    # Classifier guidance through the probability-flow ODE (Tsit5, adaptive), classifier-free
+    # guidance (scale 1: the exact conditional) through the reverse SDE (Euler-Maruyama).
     sde = pytest.importorskip("jaxdiff.sde")
     process, y = VP(), 2
-    guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
-    sol = sde.solve_ode(process, guided, prior, t0=process.t_max, t1=process.t_min)
-    x = sol.ys[-1] if sol.ys.shape[0] != prior.shape[0] else sol.ys
+    if kind == "ode":
+        guided = guidance.classifier(process, MIX.denoiser(process), ExactLogProb(process, y), 1.0)
+        x = sde.solve_ode(process, guided, prior).ys[-1]
+    else:
+        cond = conditional(process, jnp.full(prior.shape[:1], y))
+        guided = guidance.classifier_free(cond, MIX.denoiser(process), 1.0)
+        x = sde.solve_sde(process, guided, prior, key=jax.random.key(2), dt0=0.01).ys[-1]
     frac, mean_err = _check_class(x, process, y)
     assert frac > 0.95 and mean_err < 0.15, (frac, mean_err)
 

@@ -149,7 +149,7 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory, final_zero):
     def body(carry, i):
         x, state = carry
         x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, jax.random.fold_in(key, i))
-        out = (x_next, x0) if save_trajectory else None
+        out = (x_next, x0.astype(x.dtype)) if save_trajectory else None
         return (x_next, state), (out, jnp.asarray(nfe, jnp.int32))
 
     (x, state), (traj, nfes) = jax.lax.scan(body, (x_T, state), jnp.arange(n - 1))
@@ -168,12 +168,12 @@ def _last_step(sampler, denoise, x, state, ts, key, final_zero):
     k = jax.random.fold_in(key, i)
 
     def to_zero(x):
-        x0 = denoise(x, ts[i])
+        x0 = denoise(x, ts[i]).astype(x.dtype)  # a wider denoiser must not widen x
         return x0, x0, jnp.asarray(1, jnp.int32)
 
     def ordinary(x):
         x_next, _, x0, nfe = sampler.step(denoise, x, state, ts, i, k)
-        return x_next, x0, jnp.asarray(nfe, jnp.int32)
+        return x_next.astype(x.dtype), x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
 
     if final_zero is True:
         return to_zero(x)

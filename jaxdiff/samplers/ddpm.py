@@ -48,8 +48,8 @@ def ddpm_step(process: Process, x, x0_hat, t, s, noise):
 
     ``noise`` is a standard normal draw shaped like ``x`` (see the module docstring).
     """
-    e = bcast(jnp.exp(process.log_snr(t) - process.log_snr(s)), x)  # alpha_{t|s}^2 sigma_s^2 / sigma_t^2
-    r = bcast(-jnp.expm1(process.log_snr(t) - process.log_snr(s)), x)  # 1 - e, without cancellation
+    d_lam = bcast(process.log_snr(t) - process.log_snr(s), x)  # <= 0
+    e, r = jnp.exp(d_lam), -jnp.expm1(d_lam)  # e = alpha_{t|s}^2 sigma_s^2 / sigma_t^2, r = 1 - e
     a_s, a_t = bcast(process.alpha(s), x), bcast(process.alpha(t), x)
     mean = a_s / a_t * e * x + a_s * r * x0_hat
     return mean + bcast(process.sigma(s), x) * jnp.sqrt(r) * noise
@@ -59,7 +59,9 @@ def ddpm(process: Process) -> Sampler:
     r"""DDPM ancestral sampler: one denoiser call per step, fresh noise every step (needs ``key``).
 
     Example:
-        >>> sampler = jaxdiff.samplers.ddpm(jaxdiff.VP())  # doctest: +SKIP
+        >>> import jaxdiff
+        >>> jaxdiff.samplers.ddpm(jaxdiff.VP()).stochastic
+        True
     """
 
     def init(x_T, ts):

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
+from jaxdiff.parameterization import from_x0
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 
@@ -53,7 +54,7 @@ def noise_level(process: Process, t):
 
 def _eps(process, x, x0_hat, t):
     r""":math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t`, the slope :math:`d\tilde x/d\tilde\sigma`."""
-    return (x - bcast(process.alpha(t), x) * x0_hat) / bcast(process.sigma(t), x)
+    return from_x0(process, "eps", x, t, x0_hat)
 
 
 def euler_step(process: Process, x, x0_hat, t, s):
@@ -88,10 +89,11 @@ def churn_step(process: Process, x, t, gamma, noise):
     """
     sig = noise_level(process, t)
     sig_max = noise_level(process, jnp.asarray(process.t_max, sig.dtype))
-    sig_hat = jnp.minimum(sig * (1.0 + gamma), sig_max)
+    sig_hat = jnp.maximum(jnp.minimum(sig * (1.0 + gamma), sig_max), sig)  # never below sig
     t_hat = jnp.minimum(process.t_from_log_snr(-2.0 * jnp.log(sig_hat)), process.t_max)
     t_hat = jnp.where(sig_hat > sig, t_hat, t).astype(sig.dtype)  # exactly t when no churn
-    x_scaled = x / bcast(process.alpha(t), x) + bcast(jnp.sqrt(sig_hat**2 - sig**2), x) * noise
+    rise = jnp.sqrt((sig_hat - sig) * (sig_hat + sig))  # >= 0 even where XLA fuses into an fma
+    x_scaled = x / bcast(process.alpha(t), x) + bcast(rise, x) * noise
     return bcast(process.alpha(t_hat), x) * x_scaled, t_hat
 
 
@@ -99,7 +101,9 @@ def euler(process: Process) -> Sampler:
     r"""Euler on the probability-flow ODE in :math:`(\tilde x, \tilde\sigma)`: first order, 1 NFE/step.
 
     Example:
-        >>> sampler = jaxdiff.samplers.euler(jaxdiff.EDM())  # doctest: +SKIP
+        >>> import jaxdiff
+        >>> jaxdiff.samplers.euler(jaxdiff.EDM()).name
+        'euler'
     """
 
     def init(x_T, ts):
@@ -124,7 +128,8 @@ def heun(
     r"""EDM's Heun sampler (Karras et al. 2022, Alg. 2): second order, 2 NFE per step.
 
     The final step into ``t = 0`` returns the denoiser's output (1 NFE), so ``n`` steps cost
-    ``2n - 1`` evaluations. With ``churn > 0`` it is stochastic and needs a ``key``.
+    ``2n - 1`` evaluations. With ``churn > 0`` it is stochastic and needs a ``key``; the denoising
+    trajectory then holds :math:`D(\hat x, \hat t)` at the churned point of each step.
 
     Args:
         process: the forward process.
@@ -137,8 +142,11 @@ def heun(
             compensates for denoisers that remove too much noise).
 
     Example:
+        >>> import jaxdiff
         >>> sampler = jaxdiff.samplers.heun(jaxdiff.EDM(), churn=40.0, s_tmin=0.05, s_tmax=50.0,
-        ...                                 s_noise=1.003)  # doctest: +SKIP
+        ...                                 s_noise=1.003)
+        >>> sampler.stochastic  # churn adds noise: pass a key to jaxdiff.sample
+        True
     """
     _check_churn(churn, s_tmin, s_tmax, s_noise)
     stochastic = churn > 0

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, sum_except_batch
+from jaxdiff.parameterization import from_x0
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 
@@ -40,11 +41,6 @@ class EulerMaruyamaState(NamedTuple):
     """Euler-Maruyama keeps no history."""
 
 
-def _score(process, x, x0_hat, t):
-    r"""Tweedie: :math:`\nabla\log p_t(x) = (\alpha_t\hat x_0 - x)/\sigma_t^2`."""
-    return (bcast(process.alpha(t), x) * x0_hat - x) / bcast(process.sigma(t), x) ** 2
-
-
 def euler_maruyama_step(process: Process, x, x0_hat, t, s, noise):
     r"""One Euler-Maruyama step of the reverse SDE from ``t`` to ``s < t``.
 
@@ -52,7 +48,8 @@ def euler_maruyama_step(process: Process, x, x0_hat, t, s, noise):
         + g(t)\sqrt{t - s}\;z
     """
     dt = bcast(t - s, x)
-    drift = bcast(process.f(t), x) * x - bcast(process.g2(t), x) * _score(process, x, x0_hat, t)
+    score = from_x0(process, "score", x, t, x0_hat)  # Tweedie: (alpha_t x0_hat - x) / sigma_t^2
+    drift = bcast(process.f(t), x) * x - bcast(process.g2(t), x) * score
     return x - drift * dt + jnp.sqrt(bcast(process.g2(t), x) * dt) * noise
 
 
@@ -60,15 +57,17 @@ def langevin_step(process: Process, x, x0_hat, t, noise, snr=0.16, scale=1.0):
     r"""One Langevin MCMC step targeting :math:`p_t` (Song et al. 2021, Alg. 4 and 5).
 
     .. math:: x \leftarrow x + \epsilon\,\nabla\log p_t(x) + \sqrt{2\epsilon}\,z,\qquad
-        \epsilon = 2\,a\left(r\,\|z\| / \|\nabla\log p_t(x)\|\right)^2
+        \epsilon = 2\,a\left(r\,\overline{\|z\|} / \overline{\|\nabla\log p_t(x)\|}\right)^2
 
     with :math:`r` the signal-to-noise ratio ``snr`` and :math:`a` = ``scale`` (Alg. 5's
-    :math:`\alpha_i`). Norms are per example, so the examples of a batch stay independent
-    (the reference code averages them over the batch).
+    :math:`\alpha_i`). As in the reference code of Song et al., the norms are per example and then
+    averaged over the batch (the bars): a per-example ratio would make :math:`\epsilon` blow up
+    wherever the score nearly vanishes (near a mode, in low dimension).
     """
-    score = _score(process, x, x0_hat, t)
-    ratio = jnp.sqrt(sum_except_batch(noise**2) / sum_except_batch(score**2))
-    eps = bcast(2.0 * scale * (snr * ratio) ** 2, x)
+    score = from_x0(process, "score", x, t, x0_hat)
+    noise_norm = jnp.mean(jnp.sqrt(sum_except_batch(noise**2)))
+    score_norm = jnp.mean(jnp.sqrt(sum_except_batch(score**2)))
+    eps = 2.0 * scale * (snr * noise_norm / score_norm) ** 2
     return x + eps * score + jnp.sqrt(2.0 * eps) * noise
 
 
@@ -76,7 +75,9 @@ def euler_maruyama(process: Process) -> Sampler:
     r"""Euler-Maruyama on the reverse SDE: one denoiser call per step, needs ``key``.
 
     Example:
-        >>> sampler = jaxdiff.samplers.euler_maruyama(jaxdiff.VE())  # doctest: +SKIP
+        >>> import jaxdiff
+        >>> jaxdiff.samplers.euler_maruyama(jaxdiff.VE()).stochastic
+        True
     """
 
     def init(x_T, ts):
@@ -99,8 +100,9 @@ def predictor_corrector(
 
     Each step runs ``predictor`` from :math:`t_i` to :math:`t_{i+1}`, then ``n_corrector``
     Langevin steps (:func:`langevin_step`) at :math:`t_{i+1}` with step-size scale
-    :math:`a = (\alpha_{t_{i+1}}/\alpha_{t_i})^2` (:math:`1 - \beta_i` of Alg. 5 for VP, 1 for
-    VE as in Alg. 4). NFE per step: the predictor's plus ``n_corrector``; the final step into
+    :math:`a = (\alpha_{t_i}/\alpha_{t_{i+1}})^2 \le 1` (the discrete VP's :math:`1 - \beta_i` of
+    Alg. 5; 1 for VE and EDM as in Alg. 4). The Langevin step size uses norms averaged over the
+    batch (see :func:`langevin_step`), as in the reference code. NFE per step: the predictor's plus ``n_corrector``; the final step into
     ``t = 0`` returns the denoiser's output (1 NFE).
 
     Args:
@@ -110,8 +112,11 @@ def predictor_corrector(
         n_corrector: Langevin steps per time step (0 gives the predictor alone).
 
     Example:
-        >>> vp = jaxdiff.VP()  # doctest: +SKIP
+        >>> import jaxdiff
+        >>> vp = jaxdiff.VP()
         >>> pc = jaxdiff.samplers.predictor_corrector(vp, jaxdiff.samplers.ddpm(vp), snr=0.16)
+        >>> pc.name
+        'predictor_corrector(ddpm, snr=0.16, n_corrector=1)'
     """
     if not isinstance(predictor, Sampler):
         raise TypeError(f"predictor must be a jaxdiff Sampler (from a factory); got {predictor!r}.")
@@ -124,7 +129,7 @@ def predictor_corrector(
         t, s = ts[i], ts[i + 1]
         key_p, key_c = jax.random.split(key)
         x, state, x0_hat, nfe = predictor.step(denoise, x, state, ts, i, key_p)
-        scale = (process.alpha(s) / process.alpha(t)) ** 2
+        scale = (process.alpha(t) / process.alpha(s)) ** 2  # 1 - beta_i of Alg. 5; 1 for VE
 
         def correct(j, x):
             noise = jax.random.normal(jax.random.fold_in(key_c, j), x.shape, x.dtype)

@@ -1,0 +1,1 @@
+"""Scripts: training, sampling and the demo, with configs as frozen dataclasses."""
