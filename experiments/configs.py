@@ -220,15 +220,19 @@ def load_data(config: Config) -> jdata.ArrayDataset:
         return jdata.digits()
     if d.name in ("mnist", "cifar10", "npz", "folder") and d.path is None:
         raise ValueError(f"data.name={d.name!r} needs --data.path (where the files are).")
-    match d.name:
-        case "mnist":
-            return jdata.load_mnist(d.path)
-        case "cifar10":
-            return jdata.load_cifar10(d.path)
-        case "npz":
-            return jdata.load_npz(d.path, y_key="y" if config.model.class_conditional else None)
-        case "folder":
-            return jdata.load_image_folder(d.path)
+    try:
+        match d.name:
+            case "mnist":
+                return jdata.load_mnist(d.path)
+            case "cifar10":
+                return jdata.load_cifar10(d.path)
+            case "npz":
+                y_key = "y" if config.model.class_conditional else None
+                return jdata.load_npz(d.path, y_key=y_key)
+            case "folder":
+                return jdata.load_image_folder(d.path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} Or set --data.path to the folder that holds them.") from e
     raise ValueError(
         f"unknown data.name {d.name!r}; choose one of {', '.join(jdata.TOY_SETS)}, digits, "
         "mnist, cifar10, npz, folder."

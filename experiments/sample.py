@@ -11,6 +11,7 @@ Other scripts get a model from a run folder with :func:`load_denoiser` (or :func
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -150,7 +151,10 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
     return max(1, (nfe - 1) // k + 1)
 
 
+@functools.lru_cache(maxsize=32)
 def make_sampler(name: str, process):
+    """The sampler ``name`` of ``process``; cached, so repeated sampling reuses one compilation
+    (a sampler is a closure, and ``jaxdiff.sample`` compiles once per sampler object)."""
     if name not in _NFE_PER_STEP or not hasattr(samplers, name):
         available = [n for n in _NFE_PER_STEP if hasattr(samplers, n)]
         raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available)}.")

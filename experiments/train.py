@@ -32,6 +32,41 @@ from jaxdiff import checkpoint, data, training
 
 __all__ = ["train", "parse_args", "main"]
 
+# Fields that define the network and its data: a run folder cannot resume with other values
+# (``data.path`` may change: the files may move).
+_RUN_IDENTITY = ("data", "model", "process", "prediction", "loss", "compute_dtype")
+
+
+class _RunMismatchError(ValueError):
+    pass
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"model": {"hidden": 8}}`` -> ``{"model.hidden": 8}`` (the CLI's names)."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_same_run(workdir: Path, config):
+    """Refuse to resume a run folder that was trained with another model, data or process."""
+    path = workdir / "config.json"
+    if not path.is_file() or not (workdir / "checkpoints").is_dir():
+        return
+    old = _flat(dataclasses.asdict(configs.from_json(path.read_text())))
+    new = _flat(dataclasses.asdict(config))
+    changed = [
+        f"--{k} {old[k]} -> {new[k]}"
+        for k in new
+        if k.split(".")[0] in _RUN_IDENTITY and k != "data.path" and old.get(k) != new[k]
+    ]
+    if changed:
+        raise _RunMismatchError(
+            f"{workdir} holds a run with another configuration ({'; '.join(changed)}); "
+            "resume it with its own settings or pass a new --workdir."
+        )
+
 
 def _write_run_files(workdir: Path, config, dataset, num_classes):
     if jax.process_index() != 0:
@@ -113,12 +148,29 @@ def _setup(config):
 
 
 def train(config: configs.Config, *, progress: bool | None = None):
-    """Train (or resume) the run of ``config``; returns ``(state, history)``.
+    """Train (or resume) the run of ``config``; returns ``(run, history)``.
 
-    ``history`` is the list of metric records logged by this call (also appended to
-    ``metrics.jsonl``). Raises ``FloatingPointError`` naming the step when a loss is not finite.
+    Args:
+        config: the run (its ``workdir`` is the run folder, default ``runs/<preset>``).
+        progress: show the tqdm bar (default: ``config.progress``).
+
+    Returns:
+        ``run``: a :class:`experiments.sample.Run` (``config``, ``process``, ``graphdef``,
+        ``rest``, the final ``state``, ``num_classes``, example ``shape``), ready for
+        :func:`experiments.sample.run_denoiser`; ``history``: the metric records logged by this
+        call (also appended to ``metrics.jsonl``; empty when the run was already complete).
+
+    A run folder with checkpoints is resumed from the latest one (an uninterrupted run and a
+    resumed one end with bitwise the same parameters on CPU). Raises ``FloatingPointError``
+    naming the step when a loss is not finite (no checkpoint is written from it), ``ValueError``
+    when the folder holds a run with another model, data or process.
+
+    Example:
+        >>> run, history = train(dataclasses.replace(configs.get_preset("toy2d"), steps=500))  # doctest: +SKIP
+        >>> denoise = experiments.sample.run_denoiser(run)  # doctest: +SKIP
     """
     workdir = Path(configs.workdir_of(config))
+    _check_same_run(workdir, config)
     dataset, num_classes, mesh, state, graphdef, rest, it, step_fn = _setup(config)
     _write_run_files(workdir, config, dataset, num_classes)
     ckpt = checkpoint.Checkpointer(
@@ -131,6 +183,9 @@ def train(config: configs.Config, *, progress: bool | None = None):
         config, configs.make_process(config), graphdef, rest, state, num_classes, dataset.shape
     )
     show = config.progress if progress is None else progress
+    if start and jax.process_index() == 0 and show:
+        done = " (nothing to do: raise --steps)" if start >= config.steps else ""
+        print(f"resuming {workdir} from step {start}{done}", file=sys.stderr)
     bar = tqdm(total=config.steps, initial=start, disable=not show or jax.process_index() != 0)
     logger, history, pending = _Logger(workdir, start), [], None
     try:
@@ -140,6 +195,9 @@ def train(config: configs.Config, *, progress: bool | None = None):
                 training.check_finite(*pending)
             pending = (metrics, k)
             logger.add(metrics)
+            if k == start + 1:  # steps/s without the compilation of the first step
+                jax.block_until_ready(metrics["loss"])
+                logger.step0, logger.t0 = k, time.perf_counter()
             bar.update(1)
             if k % config.log_every == 0 or k == config.steps:
                 training.check_finite(metrics, k)
@@ -149,7 +207,7 @@ def train(config: configs.Config, *, progress: bool | None = None):
                 )
             if ckpt.should_save(k) or k == config.steps:
                 training.check_finite(metrics, k)
-                ckpt.save(k, state, it, force=True)
+                ckpt.save(k, state, it, metrics=metrics, force=True)
             if k % config.sample_every == 0 or k == config.steps:
                 _sample_png(workdir, run._replace(state=state), k)
         if pending is not None:
@@ -157,7 +215,7 @@ def train(config: configs.Config, *, progress: bool | None = None):
     finally:
         bar.close()
         ckpt.close()
-    return state, history
+    return run._replace(state=state), history
 
 
 def parse_args(argv=None) -> configs.Config:
@@ -172,12 +230,22 @@ def parse_args(argv=None) -> configs.Config:
 
 
 def main(argv=None):
+    """The command line; returns ``(run, history)`` of :func:`train`."""
     training.initialize_distributed()
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    state, history = train(config)
-    if history and jax.process_index() == 0:
-        print(json.dumps({"workdir": configs.workdir_of(config), **history[-1]}))
-    return state
+    try:
+        run, history = train(config)
+    except (FileNotFoundError, _RunMismatchError) as e:  # missing data files, wrong run folder
+        raise SystemExit(f"experiments.train: {e}") from None
+    if jax.process_index() == 0:
+        workdir = Path(configs.workdir_of(config))
+        print(
+            f"outputs in {workdir}/: config.json, metrics.jsonl, samples/*.png, checkpoints/ "
+            f"(latest step {int(run.state.step)})",
+            file=sys.stderr,
+        )
+        print(json.dumps({"workdir": str(workdir), **(history[-1] if history else {})}))
+    return run, history
 
 
 if __name__ == "__main__":

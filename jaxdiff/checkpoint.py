@@ -5,8 +5,14 @@ checkpoint at step ``k`` is the folder ``<directory>/<k>`` with two items: ``sta
 :class:`~jaxdiff.training.TrainState` pytree, ``ocp.args.StandardSave``) and ``data`` (the grain
 iterator's position, ``grain.checkpoint.CheckpointSave``; one file per host). Saves are
 asynchronous; orbax writes ``<k>.orbax-checkpoint-tmp-*`` and renames it when complete, so an
-interrupted save is never listed and the previous checkpoint stays the latest. The last ``keep``
-checkpoints are kept. A state with a non-finite parameter is refused (``FloatingPointError``).
+interrupted save is never listed and the previous checkpoint stays the latest (a later save of the
+same step replaces the leftover folder). The last ``keep`` checkpoints are kept. A state with a
+non-finite leaf, or a step whose metrics report a non-finite loss, is refused
+(``FloatingPointError``), so a diverged run never replaces a good checkpoint.
+
+The iterator position is read when :meth:`Checkpointer.save` is called, not when the background
+thread writes it: grain's orbax handler calls ``get_state()`` inside the asynchronous write, by
+which time the training loop has already drawn further batches.
 
 Example:
     >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=3, every=1000)   # doctest: +SKIP
@@ -17,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain
@@ -48,6 +55,28 @@ def _finite(tree):
 def all_finite(tree) -> bool:
     """Whether every floating leaf of ``tree`` is finite (one device reduction)."""
     return bool(_finite(tree))
+
+
+def _step_finite(metrics) -> bool:
+    """A step's ``finite`` flag (from :func:`jaxdiff.training.make_train_step`), else its loss."""
+    if "finite" in metrics:
+        return bool(metrics["finite"])
+    return bool(jnp.all(jnp.isfinite(metrics["loss"])))
+
+
+class _IteratorSnapshot:
+    """The position of a data iterator frozen at save time (what grain's handler writes).
+
+    grain's handler writes ``get_state().decode()`` for objects that are not a ``DatasetIterator``;
+    restoring into a real ``DatasetIterator`` reads the same JSON back.
+    """
+
+    def __init__(self, iterator):
+        state = iterator.get_state()
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
 
 
 class Checkpointer:
@@ -83,22 +112,36 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    def save(
+        self, step: int, state, data_iterator=None, *, metrics=None, force: bool = False
+    ) -> bool:
         """Save ``state`` (and the iterator position) at ``step`` if due or ``force``d.
 
-        Raises ``FloatingPointError`` for a state with NaN/inf parameters, so a diverged run
-        never overwrites a good checkpoint. Returns whether a save started.
+        Args:
+            step: the number of updates ``state`` holds.
+            state: the pytree to save (a :class:`~jaxdiff.training.TrainState`).
+            data_iterator: a grain iterator; its current position is saved with the state.
+            metrics: the step's metrics (``finite`` or ``loss``); a non-finite step is refused.
+            force: save even when ``step`` is not a multiple of ``every``.
+
+        Raises ``FloatingPointError`` naming the step for a state with NaN/inf leaves or a
+        non-finite loss, before anything is written. Returns whether a save started.
         """
         step = int(step)
         if not (force or self.should_save(step)) or step in self._manager.all_steps():
             return False
+        if metrics is not None and not _step_finite(metrics):
+            raise FloatingPointError(
+                f"refusing to checkpoint step {step}: the loss was not finite "
+                f"(loss={float(metrics.get('loss', float('nan')))})."
+            )
         if not all_finite(state):
             raise FloatingPointError(
-                f"refusing to checkpoint step {step}: the state is not finite."
+                f"refusing to checkpoint step {step}: the state has NaN or inf entries."
             )
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     def restore(self, step: int, abstract, data_iterator=None):
