@@ -6,12 +6,14 @@ Two denoisers on the EDM process (alpha = 1, sigma = t), Karras grids (rho = 7):
 - a small random-init MLP (2 hidden layers of 256, EDM preconditioning, sigma_data = 1), batch 256.
 
 For each sampler the number of steps n is chosen so that its NFE is as close as possible to the
-target. Measured (float32, median of repeats, ``block_until_ready``):
+target. Measured (float32, median and minimum of repeats, ``block_until_ready``; the minimum,
+least disturbed by other jobs on a shared CPU, is used for the ratios):
 
 - ``time``: one call of the compiled sampling program (``jax.jit`` around ``jaxdiff.sample``);
 - ``api``: one call of ``jaxdiff.sample`` itself (input checks and dispatch included);
 - ``overhead``: time / (NFE x time of one jitted denoiser call), the cost of everything that is
-  not the denoiser (target <= 1.1);
+  not the denoiser (target <= 1.1); ``vs loop``: time / time of a bare ``lax.scan`` of NFE
+  denoiser calls, which leaves out the dispatch cost included in a single call;
 - ``compile``: tracing + compilation of the sampling program (should not grow with NFE: the
   steps are one ``lax.scan``);
 - ``error``: root-mean-square error per coordinate against the probability-flow ODE solved by
@@ -19,15 +21,14 @@ target. Measured (float32, median of repeats, ``block_until_ready``):
   t_min, which is what every grid ending with (t_min, 0) approximates. Stochastic samplers have
   no pathwise reference (blank).
 
-Run ``python benchmarks/samplers.py [--quick]``; writes the "Samplers" section of
-``benchmarks/RESULTS.md`` (other sections are kept) and ``benchmarks/samplers_error_vs_nfe.png``.
+Run ``python benchmarks/samplers.py [--quick]``; writes the "samplers" section of
+``benchmarks/RESULTS.md`` (other sections are kept) and ``benchmarks/samplers_error.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +44,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdiff  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+
 from jaxdiff import samplers as S  # noqa: E402
 from jaxdiff import schedules  # noqa: E402
 from jaxdiff.analytic import GaussianMixture  # noqa: E402
@@ -65,6 +70,11 @@ SAMPLERS = {
     "ddpm": (lambda p: S.ddpm(p), lambda n: n, True),
     "euler_maruyama": (lambda p: S.euler_maruyama(p), lambda n: n, True),
     "dpm_solver_pp_sde": (lambda p: S.dpm_solver_pp_sde(p), lambda n: n, True),
+    "predictor_corrector": (
+        lambda p: S.predictor_corrector(p, S.euler_maruyama(p)),
+        lambda n: 2 * n - 1,
+        True,
+    ),
 }
 
 
@@ -134,15 +144,19 @@ def reference(denoise, x_T):
     return solve(x_T)
 
 
-def median_time(fn, repeats):
-    """Median wall time of ``fn()`` (which must block), after one warm-up call."""
+def timings(fn, repeats):
+    """``(median, min)`` wall time of ``fn()`` (which must block), after one warm-up call.
+
+    The CPU is shared with other jobs: the median is the typical call, the minimum the call least
+    disturbed by them (the better estimate of the program's own cost).
+    """
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def steps_for(nfe_of, target):
@@ -151,27 +165,83 @@ def steps_for(nfe_of, target):
 
 
 def denoiser_time(denoise, x, repeats):
+    """One jitted denoiser call (dispatch included): ``(median, min)``."""
     call = jax.jit(lambda x: denoise(x, jnp.asarray(1.0, x.dtype)))
-    return median_time(lambda: call(x).block_until_ready(), 10 * repeats)
+    return timings(lambda: call(x).block_until_ready(), 20 * repeats)
 
 
-def bench_one(sampler, denoise, x_T, n, repeats, key):
-    """Compile time, compiled-program time and API-call time of one sampler on an n-step grid."""
+def baseline_loop(denoise, x, nfe, stochastic, key):
+    """A bare ``lax.scan`` of ``nfe`` denoiser calls: a sampler at zero overhead.
+
+    For a stochastic sampler each call also draws one standard normal like ``x`` (the least any
+    stochastic sampler draws), so that the ratio isolates the sampler's own work.
+    """
+    ts = jnp.linspace(PROCESS.t_max, PROCESS.t_min, nfe).astype(x.dtype)
+
+    def body(x, i):
+        x = denoise(x, ts[i])
+        if stochastic:
+            x = x + 1e-3 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return x, None
+
+    return jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(nfe))[0])
+
+
+def interleaved_min(fns, repeats):
+    """Minimum wall time of each blocking ``fn``, calling them in turn (same load for each)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - start)
+    return best
+
+
+def hand_written_heun(denoise, n):
+    """EDM's Heun (Karras et al. 2022, Alg. 1) as a bare scan for EDM (alpha = 1, sigma = t),
+    with the coefficients inlined: what jaxdiff's ``heun`` should cost at most."""
+    ts = schedules.karras(PROCESS, n, dtype=jnp.float32)
+
+    def body(x, i):
+        t, s = ts[i], ts[i + 1]
+        d = (x - denoise(x, t)) / t
+        x_pred = x + (s - t) * d
+        return x + (s - t) * 0.5 * (d + (x_pred - denoise(x_pred, s)) / s), None
+
+    return jax.jit(lambda x: denoise(jax.lax.scan(body, x, jnp.arange(n - 1))[0], ts[n - 1]))
+
+
+def heun_against_hand_written(denoise, x, repeats, n=25):
+    """Min times of jaxdiff's heun, the hand-written scan and the bare loop, at NFE 2n - 1."""
+    ts = schedules.karras(PROCESS, n, dtype=x.dtype)
+    ours = jax.jit(lambda x: jaxdiff.sample(S.heun(PROCESS), denoise, x, ts).x)
+    fns = [ours, hand_written_heun(denoise, n), baseline_loop(denoise, x, 2 * n - 1, False, None)]
+    return interleaved_min([lambda f=f: f(x).block_until_ready() for f in fns], repeats)
+
+
+def bench_one(sampler, denoise, x_T, n, nfe_of, stochastic, repeats, key):
+    """Compile time, run times (median, min), the baseline loop's min, API time, result."""
     ts = schedules.karras(PROCESS, n, dtype=x_T.dtype)
     program = jax.jit(lambda x: jaxdiff.sample(sampler, denoise, x, ts, key=key).x)
     start = time.perf_counter()
     compiled = program.lower(x_T).compile()
     compile_s = time.perf_counter() - start
-    run_s = median_time(lambda: compiled(x_T).block_until_ready(), repeats)
+    run = lambda: compiled(x_T).block_until_ready()
+    run_med, _ = timings(run, repeats)
+    loop = baseline_loop(denoise, x_T, nfe_of(n), stochastic, key)
+    run_min, loop_min = interleaved_min([run, lambda: loop(x_T).block_until_ready()], repeats)
     api = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key).x.block_until_ready()
-    api_s = median_time(api, repeats)
+    api_s = timings(api, repeats)[0]
     result = jaxdiff.sample(sampler, denoise, x_T, ts, key=key)
-    return compile_s, run_s, api_s, result
+    return compile_s, run_med, run_min, loop_min, api_s, result
 
 
 def run(quick: bool):
     targets = (10, 20) if quick else (10, 20, 50)
-    repeats = 3 if quick else 7
+    repeats = 5 if quick else 15
     x_T64 = PROCESS.prior_sample((BATCH, DIM), key=jax.random.key(2), dtype=jnp.float64)
     x_T = x_T64.astype(jnp.float32)
     key = jax.random.key(3)
@@ -179,13 +249,17 @@ def run(quick: bool):
     for den_name, make in DENOISERS.items():
         denoise = make(jnp.float32)
         ref = np.asarray(reference(make(jnp.float64), x_T64))
-        t_den = denoiser_time(denoise, x_T, repeats)
-        print(f"[{den_name}] one denoiser call: {t_den * 1e6:.0f} us", flush=True)
+        t_den_med, t_den = denoiser_time(denoise, x_T, repeats)
+        print(f"[{den_name}] one denoiser call: {t_den * 1e6:.0f} us (min)", flush=True)
+        heun_ms = [1e3 * v for v in heun_against_hand_written(denoise, x_T, 3 * repeats)]
+        print(f"  heun / hand-written / loop at NFE 49: {heun_ms} ms", flush=True)
         for name, (factory, nfe_of, stochastic) in SAMPLERS.items():
             sampler = factory(PROCESS)
             for target in targets:
                 n = steps_for(nfe_of, target)
-                compile_s, run_s, api_s, res = bench_one(sampler, denoise, x_T, n, repeats, key)
+                compile_s, run_med, run_s, loop_s, api_s, res = bench_one(
+                    sampler, denoise, x_T, n, nfe_of, stochastic, repeats, key
+                )
                 nfe = int(res.nfe)
                 assert nfe == nfe_of(n), (name, nfe, nfe_of(n))
                 err = None
@@ -198,18 +272,23 @@ def run(quick: bool):
                         target=target,
                         steps=n,
                         nfe=nfe,
-                        time_ms=run_s * 1e3,
+                        time_ms=run_med * 1e3,
+                        min_ms=run_s * 1e3,
                         api_ms=api_s * 1e3,
                         overhead=run_s / (nfe * t_den),
+                        vs_loop=run_s / loop_s,
                         compile_s=compile_s,
                         error=err,
                         denoiser_us=t_den * 1e6,
+                        denoiser_med_us=t_den_med * 1e6,
+                        heun_ms=heun_ms,
                     )
                 )
                 r = rows[-1]
                 print(
                     f"  {name:18s} NFE {nfe:3d}  {r['time_ms']:8.2f} ms  overhead "
-                    f"{r['overhead']:.2f}  compile {compile_s:.2f} s  error "
+                    f"{r['overhead']:.2f} (vs loop {r['vs_loop']:.2f})  compile {compile_s:.2f} s  "
+                    f"error "
                     f"{'-' if err is None else f'{err:.2e}'}",
                     flush=True,
                 )
@@ -217,34 +296,25 @@ def run(quick: bool):
 
 
 # --- report ------------------------------------------------------------------------------------
-def machine():
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{model}, {os.cpu_count()} cores, load average {load} (1/5/15 min) during the run; "
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
-    )
+def load_average():
+    """The 1/5/15-minute load averages: the CPU is shared, so timings carry this caveat."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def table(rows, den_name):
     lines = [
-        "| sampler | target NFE | steps | NFE | time (ms) | api (ms) | overhead | compile (s) "
-        "| RMSE vs ODE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sampler | target NFE | steps | NFE | time (ms) | min (ms) | api (ms) | overhead "
+        "| vs loop | compile (s) | RMSE vs ODE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in (r for r in rows if r["denoiser"] == den_name):
         err = "" if r["error"] is None else f"{r['error']:.2e}"
         lines.append(
             f"| {r['sampler']} | {r['target']} | {r['steps']} | {r['nfe']} | {r['time_ms']:.2f} "
-            f"| {r['api_ms']:.2f} | {r['overhead']:.2f} | {r['compile_s']:.2f} | {err} |"
+            f"| {r['min_ms']:.2f} | {r['api_ms']:.2f} | {r['overhead']:.2f} | {r['vs_loop']:.2f} "
+            f"| {r['compile_s']:.2f} | {err} |"
         )
     return "\n".join(lines)
 
@@ -290,9 +360,22 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def heun_note(rows, den_name):
+    """Where the overhead of a two-call step comes from: jaxdiff's heun against a bare scan."""
+    ours, hand, loop = next(r["heun_ms"] for r in rows if r["denoiser"] == den_name)
+    return (
+        f"Heun at NFE 49 (min): jaxdiff {ours:.2f} ms, the same method as a hand-written scan "
+        f"{hand:.2f} ms, a bare loop of 49 denoiser calls {loop:.2f} ms: what Heun adds to its "
+        "calls is its own arithmetic, not the library's."
+    )
+
+
 def section(rows, quick, elapsed):
     targets = sorted({r["target"] for r in rows})
-    den_us = {d: next(r["denoiser_us"] for r in rows if r["denoiser"] == d) for d in DENOISERS}
+    den_us = {
+        d: next((r["denoiser_us"], r["denoiser_med_us"]) for r in rows if r["denoiser"] == d)
+        for d in DENOISERS
+    }
     worst = {
         d: max(
             (r for r in rows if r["denoiser"] == d and r["nfe"] >= 20),
@@ -302,18 +385,26 @@ def section(rows, quick, elapsed):
         for d in DENOISERS
     }
     parts = [
-        "## Samplers",
-        "",
-        f"`python benchmarks/samplers.py{' --quick' if quick else ''}` ({elapsed:.0f} s). "
-        f"Machine: {machine()}.",
+        f"`python benchmarks/samplers.py{' --quick' if quick else ''}` ({elapsed:.0f} s; load "
+        f"average {load_average()} (1/5/15 min) at the end on {os.cpu_count()} cores shared with "
+        "other jobs: absolute times are noisy, ratios and compile trends less so).",
         "",
         f"EDM process, Karras grids (rho = 7) ending with (t_min, 0), batch {BATCH}, float32; "
-        "times are medians of repeated calls with `block_until_ready`. *time*: the compiled "
-        "sampling program; *api*: `jaxdiff.sample` itself (eager grid checks and dispatch "
-        "included); *overhead* = time / (NFE x one jitted denoiser call); *compile*: trace + "
+        "times of repeated calls with `block_until_ready`. *time* / *min*: median / minimum of "
+        "the compiled sampling program; *api*: median of `jaxdiff.sample` itself (eager grid "
+        "checks and dispatch included); *overhead* = min / (NFE x minimum of one jitted "
+        "denoiser call, dispatch included); *vs loop* = min / minimum of a bare `lax.scan` of "
+        "NFE denoiser calls, timed in turn with the sampler (plus one normal draw per call for "
+        "stochastic samplers): the cost of everything a sampler adds to its denoiser calls; "
+        "*compile*: trace + "
         "compile of the program; *RMSE vs ODE*: root-mean-square error per coordinate against "
         "the probability-flow ODE solved by diffrax (Dopri8, tol 1e-10, float64), blank for "
-        "stochastic samplers. See the docstring of `benchmarks/samplers.py`.",
+        "stochastic samplers. See the docstring of `benchmarks/samplers.py`. Reading the "
+        "ratios: *overhead* below 1 (mixture) means a single jitted call is dominated by its "
+        "dispatch, which a scan does not pay; *overhead* near 1.2 with *vs loop* near 1 (MLP) "
+        "means the denoiser itself runs slower inside a loop than alone, which no sampler can "
+        "change; *vs loop* above 1.1 on the mixture (about 40 us a call in a loop) is the "
+        "per-step arithmetic of the method (Heun, singlestep DPM-Solver, UniPC's corrector).",
         "",
     ]
     for d in DENOISERS:
@@ -330,7 +421,8 @@ def section(rows, quick, elapsed):
         parts += [
             f"### {title}",
             "",
-            f"One jitted denoiser call: {den_us[d]:.0f} us.{worst_txt}",
+            f"One jitted denoiser call: {den_us[d][0]:.0f} us (min; median "
+            f"{den_us[d][1]:.0f} us).{worst_txt} {heun_note(rows, d)}",
             "",
             table(rows, d),
             "",
@@ -339,23 +431,8 @@ def section(rows, quick, elapsed):
             compile_summary(rows, d, targets),
             "",
         ]
-    parts += ["![error vs NFE](samplers_error_vs_nfe.png)", ""]
+    parts += ["![error vs NFE](samplers_error.png)", ""]
     return "\n".join(parts)
-
-
-def write_section(path, text):
-    """Replace the ``## Samplers`` section of ``path`` (or append it), keeping the others."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines, out, skipping = old.splitlines(), [], False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() == "## Samplers"
-            if skipping:
-                continue
-        if not skipping:
-            out.append(line)
-    body = "\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(body)
 
 
 def main(argv=None):
@@ -367,9 +444,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = run(args.quick)
-    plot(rows, out / "samplers_error_vs_nfe.png")
-    write_section(out / "RESULTS.md", section(rows, args.quick, time.perf_counter() - start))
-    print(f"wrote {out / 'RESULTS.md'} and {out / 'samplers_error_vs_nfe.png'}")
+    plot(rows, out / "samplers_error.png")
+    md = section(rows, args.quick, time.perf_counter() - start)
+    print(md)
+    results = write_section("samplers", md, out / "RESULTS.md")
+    print(f"wrote {results} and {out / 'samplers_error.png'}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -207,26 +208,7 @@ class Empirical(_Target):
 
     def _logits_scan(self, x, a, s):
         """Running log-sum-exp over chunks; returns (logZ, weighted sum of data) per query."""
-        flat, xq = self.data.reshape(self.data.shape[0], -1), x.reshape(x.shape[0], -1)
-        n, c = flat.shape[0], min(self.chunk, flat.shape[0])
-        pad = (-n) % c
-        ys = jnp.pad(flat, ((0, pad), (0, 0))).reshape(-1, c, flat.shape[1]).astype(xq.dtype)
-        valid = (jnp.arange(n + pad) < n).reshape(-1, c)
-        x2 = jnp.sum(xq**2, axis=1, keepdims=True)
-
-        def body(carry, chunk):
-            m, z, acc = carry
-            y, ok = chunk
-            d2 = x2 - 2 * a[:, None] * (xq @ y.T) + a[:, None] ** 2 * jnp.sum(y**2, axis=1)
-            logit = jnp.where(ok, -d2 / (2 * s[:, None] ** 2), -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(logit, axis=1))
-            scale, p = jnp.exp(m - m_new), jnp.exp(logit - m_new[:, None])
-            return (m_new, z * scale + p.sum(1), acc * scale[:, None] + p @ y), None
-
-        q = xq.shape[0]
-        init = (jnp.full((q,), -jnp.inf, xq.dtype), jnp.zeros((q,), xq.dtype), jnp.zeros_like(xq))
-        (m, z, acc), _ = jax.lax.scan(body, init, (ys, valid))
-        return m + jnp.log(z), acc / z[:, None]
+        return _chunked_logits(self.data, x, a, s, chunk=self.chunk)
 
     def posterior_mean(self, process, x, t):
         a, s = _per_example(process, x, t)
@@ -241,6 +223,35 @@ class Empirical(_Target):
 
     def sample(self, n, *, key):
         return self.data[jax.random.randint(key, (n,), 0, self.data.shape[0])]
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def _chunked_logits(data, x, a, s, *, chunk):
+    """Running log-sum-exp over ``data`` in chunks: ``(logZ, softmax-weighted mean)`` per query.
+
+    Compiled once per shape (a module-level jit: outside ``jax.jit`` an ``Empirical`` denoiser would
+    otherwise re-trace its scan at every call); inlined when called under a trace.
+    """
+    flat, xq = data.reshape(data.shape[0], -1), x.reshape(x.shape[0], -1)
+    n, c = flat.shape[0], min(chunk, flat.shape[0])
+    pad = (-n) % c
+    ys = jnp.pad(flat, ((0, pad), (0, 0))).reshape(-1, c, flat.shape[1]).astype(xq.dtype)
+    valid = (jnp.arange(n + pad) < n).reshape(-1, c)
+    x2 = jnp.sum(xq**2, axis=1, keepdims=True)
+
+    def body(carry, block):
+        m, z, acc = carry
+        y, ok = block
+        d2 = x2 - 2 * a[:, None] * (xq @ y.T) + a[:, None] ** 2 * jnp.sum(y**2, axis=1)
+        logit = jnp.where(ok, -d2 / (2 * s[:, None] ** 2), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logit, axis=1))
+        scale, p = jnp.exp(m - m_new), jnp.exp(logit - m_new[:, None])
+        return (m_new, z * scale + p.sum(1), acc * scale[:, None] + p @ y), None
+
+    q = xq.shape[0]
+    init = (jnp.full((q,), -jnp.inf, xq.dtype), jnp.zeros((q,), xq.dtype), jnp.zeros_like(xq))
+    (m, z, acc), _ = jax.lax.scan(body, init, (ys, valid))
+    return m + jnp.log(z), acc / z[:, None]
 
 
 def mean_shift(data, x, bandwidth, *, chunk: int = 1024):

@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
@@ -79,13 +80,23 @@ def adams_bashforth_weights(sig_t, sig_s, sig_prev, q, variable_step: bool = Fal
     \tilde\sigma_i)`. Either way :math:`\sum_j b_j\tau_j^k = 1/(k+1)` for :math:`k < q`.
     """
     m = sig_prev.shape[0] + 1
-    if variable_step:
-        past = (sig_prev - sig_t) / (sig_s - sig_t)
-        nodes = jnp.concatenate([jnp.zeros((1,), past.dtype), past])
-    else:
-        nodes = -jnp.arange(m, dtype=jnp.result_type(sig_t))
+    if not variable_step:  # constant weights: a table lookup, no per-step arithmetic
+        return jnp.asarray(_AB_TABLE[m], jnp.result_type(sig_t))[q - 1]
+    past = (sig_prev - sig_t) / (sig_s - sig_t)
+    nodes = jnp.concatenate([jnp.zeros((1,), past.dtype), past])
     moments = 1.0 / jnp.arange(1, m + 1, dtype=nodes.dtype)
     return moment_weights(nodes, moments, q)
+
+
+#: Adams--Bashforth weights of a uniform grid: ``_AB_TABLE[m][q - 1]`` holds order ``q``'s weights
+#: padded with zeros to ``m`` entries (the rows 1, 3/2 -1/2, ... of the module docstring).
+_AB_WEIGHTS = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+_AB_TABLE = {m: np.array([w + (0.0,) * (m - len(w)) for w in _AB_WEIGHTS[:m]]) for m in range(1, 5)}
 
 
 def ipndm_step(process: Process, x, x0, t, s, eps_prev, sig_prev, q, variable_step=False):
