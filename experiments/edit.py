@@ -1,6 +1,7 @@
 """Edit digits through the probability-flow ODE: ``python -m experiments.edit RUN_DIR``.
 
-Writes three figures to ``RUN_DIR/edit/``:
+Writes three figures to ``RUN_DIR/edit/`` (or ``--workdir``), each with a ``.npz`` of its rows
+(arrays in ``[-1, 1]``, keyed ``"<row> <label>"``):
 
 - ``inpaint.png``: digits with their right (or bottom) half masked, filled by replacement
   (``resample=1``) and with RePaint resampling (``--resample``), next to the originals;
@@ -17,24 +18,27 @@ VP process; its samples are training digits, which makes the edits easy to read.
 Example:
     python -m experiments.train --preset digits --workdir runs/digits --steps 2000
     python -m experiments.edit runs/digits
-    python -m experiments.edit runs/digits_exact --exact
+    python -m experiments.edit --exact --workdir runs/digits_exact
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 import jaxdiff
 from jaxdiff import analytic, editing, samplers, schedules
 from jaxdiff import data as jdata
 
-__all__ = ["main", "strokes", "half_mask", "start_grid"]
+__all__ = ["EditConfig", "main", "strokes", "half_mask", "start_grid"]
 
 
 def load_model(args):
@@ -45,7 +49,12 @@ def load_model(args):
         return analytic.Empirical(jnp.asarray(digits)).denoiser(process), process, digits
     from experiments.sample import load_denoiser
 
-    denoise, process, _ = load_denoiser(args.workdir)
+    denoise, process, config = load_denoiser(args.model_dir)
+    if config.data.name != "digits":
+        raise ValueError(
+            f"{args.model_dir} is a run on {config.data.name!r}; experiments.edit edits 8x8 "
+            "digits: give a run of the digits preset (or --exact)."
+        )
     return denoise, process, digits
 
 
@@ -156,46 +165,73 @@ def run_interpolate(args, denoise, process, digits, key):
     return [(f"pair {p}", np.asarray(strips[:, p])) for p in range(args.pairs)]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "workdir", nargs="?", help="run folder of experiments.train (default runs/digits)"
-    )
-    p.add_argument("--workdir", dest="workdir_opt", default=None)
-    p.add_argument("--exact", action="store_true", help="exact denoiser of the digits, no training")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--resample", type=int, default=5, help="RePaint resampling (besides 1)")
-    p.add_argument("--num", type=int, default=10, help="images per row")
-    p.add_argument("--pairs", type=int, default=4, help="interpolation strips")
-    p.add_argument("--sdedit-starts", type=float, nargs="+", default=[0.2, 0.35, 0.5, 0.7, 1.0],
-                   help="SDEdit start times as fractions of [t_min, t_max]")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.workdir = args.workdir_opt or args.workdir
-    if args.workdir is None:  # the digits preset's run folder, or one for the exact denoiser
-        args.workdir = "runs/digits_exact" if args.exact else "runs/digits"
-    return args
+@dataclass(frozen=True)
+class EditConfig:
+    """Which model, where to write, and how much to compute."""
+
+    run_dir: Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")] = None
+    """Run folder of experiments.train (a digits run; default runs/digits)."""
+    workdir: str | None = None
+    """Output folder (default RUN_DIR/edit)."""
+    exact: bool = False
+    """Use the exact denoiser of the digits data (no trained run needed)."""
+    steps: int = 50
+    """Sampler steps."""
+    resample: int = 5
+    """RePaint resampling (besides 1)."""
+    num: int = 10
+    """Images per row."""
+    pairs: int = 4
+    """Interpolation strips."""
+    sdedit_starts: tuple[float, ...] = (0.2, 0.35, 0.5, 0.7, 1.0)
+    """SDEdit start times as fractions of [t_min, t_max]."""
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "resample", "pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.num < len(_GLYPHS):
+            raise ValueError(
+                f"num must be >= {len(_GLYPHS)} (the hand-drawn glyphs); got {self.num}."
+            )
+        bad = [f for f in self.sdedit_starts if not 0.0 <= f <= 1.0]
+        if bad:
+            raise ValueError(f"sdedit_starts are fractions of [t_min, t_max] in [0, 1]; got {bad}.")
+
+    @property
+    def model_dir(self) -> str:
+        return self.run_dir or ("runs/digits_exact" if self.exact else "runs/digits")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.workdir) if self.workdir else Path(self.model_dir) / "edit"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def parse_args(argv=None) -> EditConfig:
+    return tyro.cli(EditConfig, args=argv, description=__doc__)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     denoise, process, digits = load_model(args)
-    out = Path(args.workdir) / "edit"
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
-    model = "exact denoiser of the digits" if args.exact else f"run {args.workdir}"
+    model = "exact denoiser of the digits" if args.exact else f"run {args.model_dir}"
     files = {}
     for name, fn, title in (
         ("inpaint", run_inpaint, f"Inpainting (DDPM, {args.steps} steps, replacement / RePaint)"),
         ("sdedit", run_sdedit, f"SDEdit from strokes (DDPM, {args.steps} steps from t0)"),
         ("interpolate", run_interpolate, f"Slerp of DDIM encodings ({args.steps} steps)"),
     ):
-        print(f"{name} ...", flush=True)
+        print(f"{name} ...", file=sys.stderr, flush=True)
         rows = fn(args, denoise, process, digits, jax.random.fold_in(key, len(files)))
         files[name] = str(out / f"{name}.png")
         save_rows(Path(files[name]), rows, f"{title}; {model}")
+        np.savez(
+            out / f"{name}.npz", **{f"{i:02d} {label}": x for i, (label, x) in enumerate(rows)}
+        )
     print(json.dumps(files))
     return files
 

@@ -202,7 +202,8 @@ def log_likelihood(
         if key is None:
             raise ValueError("Hutchinson's estimator needs key=jax.random.key(seed).")
         probes = sample_probes(key, x0, n_probes, probe)
-    controller = _controller(solver, stepsize_controller, dt0, _array(rtol), _array(atol))
+    rtol, atol = _array(rtol, x0), _array(atol, x0)
+    controller = _controller(solver, stepsize_controller, dt0, rtol, atol)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_AugmentedFlow(process, denoise, probes)),
         solver,
@@ -220,9 +221,10 @@ def log_likelihood(
     return jnp.where(ok, prior(x_T) + delta, jnp.nan)
 
 
-def _array(tol):
-    """Tolerances as arrays, so that new values do not recompile the solve."""
-    return jnp.asarray(tol, jnp.result_type(float))
+def _array(tol, x):
+    """Tolerances as arrays in the state's float dtype, so that new values do not recompile the
+    solve and float32 data keeps a float32 controller state under ``jax_enable_x64``."""
+    return jnp.asarray(tol, jnp.result_type(x.dtype, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 r"""A DDPM++-style U-Net for NHWC images (Song et al. 2021, "Score-Based Generative Modeling
 through SDEs", App. H; Ho et al. 2020; Karras et al. 2022 keep the same network as "DDPM++").
 
-Residual block, with the noise-level embedding :math:`e` added as a per-channel bias and the
-skip connection rescaled by :math:`1/\sqrt2`:
+Residual block, with the noise-level embedding :math:`e` added as a per-channel bias after the
+second normalization (as the shift of EDM's adaptive norm; before it, a GroupNorm with one channel
+per group would subtract the bias and erase the conditioning) and the skip connection rescaled by
+:math:`1/\sqrt2`:
 
 .. math::
-    h = \mathrm{Conv}\big(\mathrm{SiLU}(\mathrm{GN}(x))\big) + W e,\qquad
-    \mathrm{out} = \frac{\mathrm{skip}(x) + \mathrm{Conv}_0\big(\mathrm{Drop}(\mathrm{SiLU}(\mathrm{GN}(h)))\big)}{\sqrt 2},
+    h = \mathrm{GN}\big(\mathrm{Conv}(\mathrm{SiLU}(\mathrm{GN}(x)))\big) + W e,\qquad
+    \mathrm{out} = \frac{\mathrm{skip}(x) + \mathrm{Conv}_0\big(\mathrm{Drop}(\mathrm{SiLU}(h))\big)}{\sqrt 2},
 
 where :math:`\mathrm{Conv}_0` starts at zero (DDPM++ ``init_scale = 0``), so every block starts as
 the identity. Self-attention blocks at the chosen resolutions, the same rescaled residual.
@@ -62,9 +64,11 @@ class ResBlock(nnx.Module):
         self.skip = None if cin == cout else _conv(cin, cout, dtype, rngs, kernel=1)
 
     def __call__(self, x, emb, rngs=None):
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(jax.nn.silu(self.norm1(x))))
+        # the embedding is added after the norm: GN with one channel per group (<= 32 channels)
+        # would subtract a per-channel bias and erase the time and label conditioning
         h = h + self.emb(jax.nn.silu(emb))[:, None, None, :]
-        h = self.dropout(jax.nn.silu(self.norm2(h)), deterministic=rngs is None, rngs=rngs)
+        h = self.dropout(jax.nn.silu(h), deterministic=rngs is None, rngs=rngs)
         skip = x if self.skip is None else self.skip(x)
         return (skip + self.conv2(h)) * _SKIP
 
