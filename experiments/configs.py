@@ -86,6 +86,7 @@ class Config:
     sigma_data: float = 0.5
     lr: float = 1e-3
     warmup: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at `steps`
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     batch_size: int = 256
@@ -266,6 +267,11 @@ def make_model(config: Config, shape: tuple[int, ...], num_classes: int | None) 
 
 
 def make_optimizer(config: Config):
+    decay_steps = config.steps if config.lr_schedule == "cosine" else None
     return training.make_optimizer(
-        config.lr, config.warmup, config.grad_clip, weight_decay=config.weight_decay
+        config.lr,
+        config.warmup,
+        config.grad_clip,
+        weight_decay=config.weight_decay,
+        decay_steps=decay_steps,
     )

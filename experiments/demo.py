@@ -96,6 +96,7 @@ def _train_config(c: DemoConfig) -> configs.Config:
         base = configs.get_preset("toy2d")
         return dataclasses.replace(
             base, workdir=workdir, steps=steps, batch_size=512, lr=2e-3, warmup=100,
+            lr_schedule="cosine", loss="v", prediction="v",
             ema_decay=0.995, log_every=100, sample_every=steps, checkpoint_every=steps,
             num_samples=1000, seed=c.seed,
         )  # fmt: skip
@@ -353,7 +354,9 @@ def write_report(out: Path, c: DemoConfig, train_cfg, rows, quality_name, stats,
         "",
         "Grids: DDPM and DDIM time-uniform, Heun and iPNDM Karras (rho = 7), DPM-Solvers "
         "log-SNR uniform; every grid ends at t = 0 with the denoiser's output. The diffrax row "
-        "counts 6 evaluations per Tsit5 step plus the first and the final denoiser call.",
+        "counts 6 evaluations per Tsit5 step plus the first and the final denoiser call. "
+        "Heun and DPM-Solver-3 at NFE <= 5 take only 2-3 steps, too few for a high-order "
+        "single-step method from t_max (the known instability of few-step high-order solvers).",
         "",
         f"DDIM trajectories in EDM coordinates x_t / alpha_t (Chen et al. 2023): the largest "
         f"distance from the chord x_T -> x_0 is on average "
