@@ -12,8 +12,8 @@ r"""Sample-quality metrics: sliced Wasserstein, MMD, and Frechet distances in a 
   on disk; :func:`fd_classifier` is the Frechet distance between Gaussians fitted to its
   penultimate features (an FID-like score for small data sets without Inception weights), and
   :func:`classifier_accuracy` judges class-conditional samples.
-- :func:`fid_inception` is the interface for the standard FID; it needs local Inception-v3 weights
-  and is not implemented beyond validating them (see its docstring).
+- :func:`fid_inception` is the standard FID with the FID Inception-v3 of
+  :mod:`jaxdiff.inception`; it needs the weights as a local ``.npz`` file (see its docstring).
 
 Example:
     >>> import jax, jaxdiff
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import inception
 from jaxdiff._utils import is_concrete
 
 __all__ = [
@@ -420,27 +421,61 @@ def fd_classifier(samples, real, classifier: FeatureClassifier) -> float:
     return frechet_distance(*f1, *f2)
 
 
-def fid_inception(samples, real, weights_path):
-    """Standard FID (Heusel et al. 2017) with Inception-v3 pool3 features — interface only.
+def fid_inception(samples, real, weights_path, *, batch_size: int = 50) -> float:
+    r"""Standard FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to the
+    2048-d pool3 features of the FID Inception-v3 (TensorFlow ``inception-2015-12-05``, as ported
+    by pytorch-fid) of ``samples`` and of ``real``.
 
-    jaxdiff does not ship an Inception-v3 network and cannot download weights. This function
-    checks ``weights_path`` and raises ``FileNotFoundError`` explaining where to get the weights
-    when it is missing; when it exists it raises ``NotImplementedError``, because the Inception
-    forward pass is not implemented here. To report FID today, compute 2048-d pool3 features with
-    pytorch-fid or clean-fid and pass them through ``frechet_distance(*gaussian_stats(f_samples),
-    *gaussian_stats(f_real))``, which is the same formula.
+    .. math:: \mathrm{FID} = \|\mu_s - \mu_r\|^2 + \mathrm{tr}\big(C_s + C_r
+        - 2 (C_s^{1/2} C_r C_s^{1/2})^{1/2}\big)
+
+    Images have shape ``(n, h, w, 1 or 3)`` (NHWC) with values in [-1, 1]; grayscale is repeated
+    to RGB and every image is resized to 299x299 (bilinear) as in pytorch-fid. Features are
+    computed under ``jax.jit`` in batches of ``batch_size``. ``weights_path`` is an ``.npz`` of
+    the pytorch-fid state dict (a ``.pth`` only if torch is importable); jaxdiff cannot download
+    it. Make it once on a machine with torch (:data:`jaxdiff.inception.NPZ_RECIPE`)::
+
+        import numpy as np, torch
+        # pt_inception-2015-12-05-6726825d.pth from FID_WEIGHTS_URL
+        sd = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")
+        np.savez("pt_inception-2015-12-05.npz", **{k: v.numpy() for k, v in sd.items()})
+
+    Published FIDs use 50k samples; with few samples FID is biased upwards.
+
+    Example:
+        >>> fid_inception(samples, real, "pt_inception-2015-12-05.npz")  # doctest: +SKIP
     """
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"Inception-v3 FID weights not found at {str(path)!r}. jaxdiff cannot download them: "
             f"fetch {FID_WEIGHTS_URL} (the pytorch-fid port of the TensorFlow FID Inception, "
-            f"inception-2015-12-05) on a machine with internet access and pass its local path "
-            f"as weights_path, e.g. {str(default_cache_dir() / Path(FID_WEIGHTS_URL).name)!r}."
+            f"inception-2015-12-05) on a machine with internet access and torch, and convert it "
+            f"to an .npz file (pass its path as weights_path, e.g. "
+            f"{str(default_cache_dir() / 'pt_inception-2015-12-05.npz')!r}):\n"
+            f"{inception.NPZ_RECIPE}"
         )
-    raise NotImplementedError(
-        f"Found {str(path)!r}, but jaxdiff has no Inception-v3 forward pass to load it into. "
-        "Compute pool3 features with pytorch-fid or clean-fid and use "
-        "jaxdiff.metrics.frechet_distance(*gaussian_stats(f_samples), *gaussian_stats(f_real)); "
-        "for small data sets use fd_classifier."
-    )
+    samples = inception.as_rgb(samples, "samples")
+    real = inception.as_rgb(real, "real")
+    params = inception.load_params(path)
+    f_samples = np.asarray(inception.pool3_features(params, samples, batch_size=batch_size))
+    f_real = np.asarray(inception.pool3_features(params, real, batch_size=batch_size))
+    if max(len(f_samples), len(f_real)) <= f_samples.shape[1]:
+        return _frechet_few_points(f_samples, f_real)
+    return frechet_distance(*gaussian_stats(f_samples), *gaussian_stats(f_real))
+
+
+def _frechet_few_points(f1, f2) -> float:
+    r""":func:`frechet_distance` of the Gaussians fitted to ``f1 (n1, d)`` and ``f2 (n2, d)``
+    without a ``d x d`` eigendecomposition, for ``n1, n2 <= d``. With centred features
+    :math:`A_i`, :math:`C_i = A_i^\top A_i / (n_i - 1)`; the eigenvalues of :math:`C_1 C_2` are
+    the squared singular values of :math:`A_1 A_2^\top / \sqrt{(n_1-1)(n_2-1)}`, so the trace
+    term is that ``n1 x n2`` matrix's nuclear norm."""
+    if not (np.all(np.isfinite(f1)) and np.all(np.isfinite(f2))):
+        raise ValueError("features contain NaN or inf: check the samples (a diverged sampler?).")
+    a1, a2 = (np.asarray(f, np.float64) - np.mean(f, axis=0) for f in (f1, f2))
+    n1, n2 = len(a1) - 1, len(a2) - 1
+    tr_sqrt = np.sum(np.linalg.svd(a1 @ a2.T, compute_uv=False)) / np.sqrt(n1 * n2)
+    mean_term = np.sum((np.mean(f1, axis=0, dtype=np.float64) - np.mean(f2, 0, np.float64)) ** 2)
+    value = mean_term + np.sum(a1**2) / n1 + np.sum(a2**2) / n2 - 2 * tr_sqrt
+    return float(max(value, 0.0))

@@ -174,7 +174,7 @@ def test_fid_inception_needs_local_weights(tmp_path):
     x = np.zeros((4, 8))
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         metrics.fid_inception(x, x, tmp_path / "missing.pth")
-    weights = tmp_path / "pt_inception.pth"
+    weights = tmp_path / "pt_inception.npz"
     weights.write_bytes(b"0")
-    with pytest.raises(NotImplementedError, match="frechet_distance"):
+    with pytest.raises(ValueError, match="n >= 2"):  # images are checked before weights load
         metrics.fid_inception(x, x, weights)
