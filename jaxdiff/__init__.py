@@ -31,7 +31,7 @@ from jaxdiff.samplers import Sampler, SampleResult, sample
 
 __version__ = "0.1.0"
 
-_LAZY = ("nets", "training", "data", "checkpoint")
+_LAZY = ("nets", "training", "data", "checkpoint", "inception")
 
 __all__ = [
     "analytic",
