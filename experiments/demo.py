@@ -13,7 +13,8 @@ run folder (default ``runs/demo``):
 
 ``--preset digits`` does the same on scikit-learn's 8x8 digits with a class-conditional U-Net
 (sampled unconditionally through the null class), sample grids instead of scatter plots, and the
-Frechet distance in the features of a digits classifier as the quality measure.
+Frechet distance in the features of a digits classifier as the quality measure; on a 2-core CPU
+it takes about 15 minutes (2000 U-Net steps at ~5 steps/s, then 27 sampling runs of 256 images).
 ``JAXDIFF_FAST=1`` (or ``--fast``) shrinks everything for a smoke run.
 """
 
@@ -100,7 +101,7 @@ def _train_config(c: DemoConfig) -> configs.Config:
             ema_decay=0.995, log_every=100, sample_every=steps, checkpoint_every=steps,
             num_samples=1000, seed=c.seed,
         )  # fmt: skip
-    steps = c.steps or (50 if c.fast else 3000)
+    steps = c.steps or (50 if c.fast else 2000)
     base = configs.get_preset("digits")
     model = base.model
     if c.fast:
@@ -387,7 +388,7 @@ def run_demo(c: DemoConfig) -> dict:
     print(f"[demo] training {train_cfg.model.kind} on {train_cfg.data.name} -> {train_cfg.workdir}")
     training_script.train(train_cfg)
     run = sampling.load_run(train_cfg.workdir)
-    n = c.num_samples or (1000 if c.fast else 2000 if c.preset == "toy2d" else 500)
+    n = c.num_samples or (1000 if c.fast else 2000 if c.preset == "toy2d" else 256)
     denoise = sampling.run_denoiser(run, labels=_null_labels(run, n))
     key = jax.random.key(c.seed)
     x_T = run.process.prior_sample((n, *run.shape), key=jax.random.fold_in(key, 1))
