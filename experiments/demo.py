@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -253,7 +254,8 @@ def plot_samples(out: Path, preset, data, samples, rows) -> list[Path]:
 
 
 def _slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
+    """``"DPM-Solver++(2M)"`` -> ``"dpm_solver_2m"``."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 def plot_quality(out: Path, rows, quality_name: str, floor: float) -> Path:
