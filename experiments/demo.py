@@ -97,7 +97,7 @@ def _train_config(c: DemoConfig) -> configs.Config:
         steps = c.steps or (300 if c.fast else 3000)
         base = configs.get_preset("toy2d")
         return dataclasses.replace(
-            base, workdir=workdir, steps=steps, batch_size=512, lr=2e-3, warmup=100,
+            base, workdir=workdir, steps=steps, batch_size=512, lr=2e-3, warmup=min(100, steps // 10),
             lr_schedule="cosine", loss="v", prediction="v",
             ema_decay=0.995, log_every=100, sample_every=steps, checkpoint_every=steps,
             num_samples=1000, seed=c.seed,

@@ -97,6 +97,11 @@ def make_schedule(lr: float, warmup: int = 0, decay_steps: int | None = None, en
     """
     if lr <= 0 or warmup < 0:
         raise ValueError(f"need lr > 0 and warmup >= 0; got lr={lr}, warmup={warmup}.")
+    if decay_steps is not None and decay_steps <= warmup:
+        raise ValueError(
+            f"cosine decay needs decay_steps > warmup; got decay_steps={decay_steps}, "
+            f"warmup={warmup}. Train for more steps or shorten the warm-up."
+        )
     if decay_steps is None:
         if warmup == 0:
             return optax.constant_schedule(lr)

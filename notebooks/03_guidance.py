@@ -93,7 +93,7 @@ plt.show()
 
 # %%
 train_set = data.toy_2d("gaussian_mixture", 20_000, seed=0)
-steps = 400 if FAST else 3000
+steps = 200 if FAST else 3000
 model = jaxdiff.nets.MLP(2, hidden=128, depth=3, num_classes=8, rngs=nnx.Rngs(0))
 opt = training.make_optimizer(2e-3, warmup=100, decay_steps=steps)
 state, graphdef, rest = training.init_train_state(model, opt, key=jax.random.key(1))

@@ -191,3 +191,10 @@ def test_bind_for_classifier_training():
     batch = {"x": jnp.zeros((8, 4, 4, 1), F32), "y": jnp.arange(8) % 4}
     _, m = step(state, batch)
     assert float(m["loss"]) == pytest.approx(np.log(4), rel=0.2)
+
+
+def test_cosine_decay_needs_more_steps_than_warmup():
+    with pytest.raises(ValueError, match="decay_steps > warmup"):
+        training.make_optimizer(1e-3, warmup=100, decay_steps=100)
+    schedule = training.make_schedule(1e-3, warmup=10, decay_steps=110)
+    assert float(schedule(10)) == pytest.approx(1e-3) and float(schedule(110)) == pytest.approx(0.0)
