@@ -320,7 +320,7 @@ def make_train_step(
         loss, grads = jax.value_and_grad(objective)(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new = state.replace(
             step=state.step + 1,
             params=params,
