@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxdiff
-from experiments import configs
+from experiments import configs, evaluate
 from experiments import sample as sampling
 from experiments import train as training_script
 from jaxdiff import metrics, samplers, schedules, sde
@@ -59,33 +59,24 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler of the comparison: its factory, grid and network evaluations per step."""
+    """A sampler of the comparison: its label, factory ``factory(process)`` and grid."""
 
     label: str
     factory: Callable
     grid: Callable
-    nfe_per_step: int
-    stochastic: bool = False
-
-    def steps_for(self, nfe: int) -> int:
-        """Steps ``n`` of a grid ending at 0 (the last step costs one evaluation)."""
-        return max(1, (nfe - 1) // self.nfe_per_step + 1)
 
 
 SAMPLERS = (
-    SamplerSpec("DDPM", samplers.ddpm, schedules.uniform, 1, stochastic=True),
-    SamplerSpec("DDIM", samplers.ddim, schedules.uniform, 1),
-    SamplerSpec("Heun", samplers.heun, schedules.karras, 2),
+    SamplerSpec("DDPM", samplers.ddpm, schedules.uniform),
+    SamplerSpec("DDIM", samplers.ddim, schedules.uniform),
+    SamplerSpec("Heun", samplers.heun, schedules.karras),
     SamplerSpec(
-        "DPM-Solver-3", lambda p: samplers.dpm_solver(p, order=3), schedules.log_snr_uniform, 3
+        "DPM-Solver-3", lambda p: samplers.dpm_solver(p, order=3), schedules.log_snr_uniform
     ),
     SamplerSpec(
-        "DPM-Solver++(2M)",
-        lambda p: samplers.dpm_solver_pp(p, order=2),
-        schedules.log_snr_uniform,
-        1,
+        "DPM-Solver++(2M)", lambda p: samplers.dpm_solver_pp(p, order=2), schedules.log_snr_uniform
     ),
-    SamplerSpec("iPNDM", samplers.ipndm, schedules.karras, 1),
+    SamplerSpec("iPNDM", samplers.ipndm, schedules.karras),
 )
 DIFFRAX_RTOLS = (1e-1, 1e-2, 1e-3)
 
@@ -166,8 +157,9 @@ def _timed(fn):
 
 
 def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key):
-    ts = spec.grid(process, spec.steps_for(nfe))
     sampler = spec.factory(process)
+    # the step count whose NFE is nearest the target, the sampler's cost per step read off its step
+    ts = spec.grid(process, evaluate.steps_for_nfe(evaluate.nfe_per_step(sampler, process), nfe))
     run = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key)  # noqa: E731
     _timed(run)  # compile
     result, seconds = _timed(run)
