@@ -25,6 +25,12 @@ not download and does not depend on torch; make the file once on a machine with 
 
 A ``.pth`` path is also accepted when ``torch`` happens to be importable.
 
+Checked against pytorch-fid 0.3.0 (``tests/test_inception.py``, reference made by
+``tests/fid_reference.py``): with the same random weights in both, the state-dict names and shapes
+are equal and the pool3 features agree to 2e-5 for features up to 27 (float32 rounding), for
+images up- and downsampled to 299x299; counting the padding in the average pools, an average pool
+in ``Mixed_7c`` or an antialiased resize each changes them by more than 1.
+
 Example:
     >>> params = load_params("pt_inception-2015-12-05.npz")  # doctest: +SKIP
     >>> inception_features(params, images).shape  # images (n, h, w, 3) in [-1, 1]  # doctest: +SKIP
