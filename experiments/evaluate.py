@@ -60,8 +60,9 @@ from tqdm.auto import tqdm
 import jaxdiff
 from experiments import configs
 from experiments import sample as sampling
+from experiments.sample import nfe_per_step, steps_for_nfe
 from jaxdiff import data as jdata
-from jaxdiff import likelihood, metrics, samplers, schedules
+from jaxdiff import likelihood, metrics, samplers
 
 __all__ = [
     "EvalConfig",
@@ -140,34 +141,6 @@ class Method(NamedTuple):
     name: str
     run: Callable
     per_step: int
-
-
-def nfe_per_step(sampler: samplers.Sampler, process) -> int:
-    """Network evaluations of one (non-final) step, read off the step's Python-int ``nfe``.
-
-    The step is traced abstractly (``jax.eval_shape``) on a dummy state: nothing is computed.
-    """
-    counts = []
-
-    def one_step(x):
-        ts = schedules.uniform(process, 2, dtype=x.dtype)
-        state = sampler.init(x, ts)
-        counts.append(sampler.step(lambda y, t: y, x, state, ts, 0, jax.random.key(0))[3])
-        return x
-
-    jax.eval_shape(one_step, jax.ShapeDtypeStruct((1, 1), jnp.float32))
-    return int(counts[0])
-
-
-def steps_for_nfe(per_step: int, target: int) -> int:
-    """Grid steps ``n >= 2`` whose NFE ``(n - 1) * per_step + 1`` is nearest to ``target``.
-
-    Ties go to the smaller ``n``. Example: DPM-Solver-3 (3 per step) at target 10 gets ``n = 4``
-    (NFE 10), at target 5 ``n = 2`` (NFE 4, not 7).
-    """
-    lo = max(2, (target - 1) // per_step + 1)
-    candidates = (max(2, lo - 1), lo, lo + 1)
-    return min(candidates, key=lambda n: (abs((n - 1) * per_step + 1 - target), n))
 
 
 def _scan_method(name: str, sampler: samplers.Sampler, process) -> Method:

@@ -30,17 +30,20 @@ __all__ = [
     "Run",
     "load_run",
     "load_denoiser",
+    "SAMPLER_NAMES",
+    "nfe_per_step",
     "steps_for_nfe",
+    "make_sampler",
     "generate",
     "save_samples",
     "main",
 ]
 
-# Network evaluations per step of each sampler (the final step into t = 0 costs one).
-_NFE_PER_STEP = {
-    "ddim": 1, "ddpm": 1, "euler": 1, "euler_maruyama": 1, "heun": 2, "dpm_solver_pp": 1,
-    "dpm_solver_pp_sde": 1, "ipndm": 1, "unipc": 1, "dpm_solver": 2,
-}  # fmt: skip
+# The samplers of jaxdiff.samplers the command line offers, with their default settings.
+SAMPLER_NAMES = (
+    "ddim", "ddpm", "euler", "euler_maruyama", "heun", "dpm_solver", "dpm_solver_pp",
+    "dpm_solver_pp_sde", "ipndm", "unipc",
+)  # fmt: skip
 
 
 class Run(NamedTuple):
@@ -141,23 +144,40 @@ def load_denoiser(workdir, *, labels=None, guidance_scale=None, use_ema: bool = 
     return denoise, run.process, run.config
 
 
-def steps_for_nfe(sampler: str, nfe: int) -> int:
-    """Grid steps ``n`` so that ``sampler`` uses about ``nfe`` evaluations (last step costs 1)."""
-    if sampler not in _NFE_PER_STEP:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(_NFE_PER_STEP)}.")
-    k = _NFE_PER_STEP[sampler]
-    if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}.")
-    return max(1, (nfe - 1) // k + 1)
+def nfe_per_step(sampler: samplers.Sampler, process) -> int:
+    """Network evaluations of one (non-final) step, read off the step's Python-int ``nfe``.
+
+    The step is traced abstractly (``jax.eval_shape``) on a dummy state: nothing is computed.
+    """
+    counts = []
+
+    def one_step(x):
+        ts = schedules.uniform(process, 2, dtype=x.dtype)
+        state = sampler.init(x, ts)
+        counts.append(sampler.step(lambda y, t: y, x, state, ts, 0, jax.random.key(0))[3])
+        return x
+
+    jax.eval_shape(one_step, jax.ShapeDtypeStruct((1, 1), jnp.float32))
+    return int(counts[0])
+
+
+def steps_for_nfe(per_step: int, target: int) -> int:
+    """Grid steps ``n >= 2`` whose NFE ``(n - 1) * per_step + 1`` is nearest to ``target``.
+
+    Ties go to the smaller ``n``. Example: DPM-Solver-3 (3 per step) at target 10 gets ``n = 4``
+    (NFE 10), at target 5 ``n = 2`` (NFE 4, not 7).
+    """
+    lo = max(2, (target - 1) // per_step + 1)
+    candidates = (max(2, lo - 1), lo, lo + 1)
+    return min(candidates, key=lambda n: (abs((n - 1) * per_step + 1 - target), n))
 
 
 @functools.lru_cache(maxsize=32)
 def make_sampler(name: str, process):
     """The sampler ``name`` of ``process``; cached, so repeated sampling reuses one compilation
     (a sampler is a closure, and ``jaxdiff.sample`` compiles once per sampler object)."""
-    if name not in _NFE_PER_STEP or not hasattr(samplers, name):
-        available = [n for n in _NFE_PER_STEP if hasattr(samplers, n)]
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available)}.")
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLER_NAMES)}.")
     return getattr(samplers, name)(process)
 
 
@@ -238,7 +258,7 @@ def main(argv=None):
     )
     p.add_argument("workdir", nargs="?", help="run folder (or --workdir)")
     p.add_argument("--workdir", dest="workdir_opt", default=None)
-    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(_NFE_PER_STEP)}")
+    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--nfe", type=int, default=50, help="network evaluations")
     p.add_argument("--grid", default="karras", help="karras, uniform, log_snr_uniform, quadratic")
     p.add_argument("--seed", type=int, default=0)
@@ -253,7 +273,10 @@ def main(argv=None):
     run = load_run(workdir)
     labels = default_labels(run, args.num, args.label)
     denoise = run_denoiser(run, labels=labels, guidance_scale=args.guidance, use_ema=not args.raw)
-    steps = steps_for_nfe(args.sampler, args.nfe)
+    if args.nfe < 1:
+        p.error(f"--nfe must be >= 1, got {args.nfe}")
+    sampler = make_sampler(args.sampler, run.process)
+    steps = steps_for_nfe(nfe_per_step(sampler, run.process), args.nfe)
     x, nfe = generate(
         run,
         denoise,

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import jaxdiff
 from experiments import configs
 from experiments import sample as sampling
 from experiments import train as train_script
@@ -79,6 +80,20 @@ def test_sample_is_seeded(run_dir):
     np.testing.assert_array_equal(x1, x2)  # same checkpoint and seed: identical arrays
     assert first["png"].endswith("heun_nfe7_seed3.png")
     assert (workdir / "samples" / "heun_nfe7_seed3.png").stat().st_size > 1000
+
+
+def test_sampler_names_and_nfe_on_the_command_line(run_dir):
+    workdir, *_ = run_dir
+    with pytest.raises(ValueError, match="unknown sampler 'rk4'; available: ddim, ddpm"):
+        sampling.main([str(workdir), "--sampler", "rk4"])
+    with pytest.raises(SystemExit):
+        sampling.main([str(workdir), "--nfe", "0"])
+    # every offered name is a jaxdiff sampler whose NFE per step is read off its step
+    vp = jaxdiff.VP()
+    per_step = {
+        n: sampling.nfe_per_step(sampling.make_sampler(n, vp), vp) for n in sampling.SAMPLER_NAMES
+    }
+    assert per_step == {n: 2 if n in ("heun", "dpm_solver") else 1 for n in sampling.SAMPLER_NAMES}
 
 
 def test_missing_data_files_are_a_clear_error(tmp_path):
