@@ -13,13 +13,21 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each owns one section.\n"
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages: on a shared CPU, timings carry this caveat."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def machine() -> str:
-    """One line naming the machine: CPU count, platform, device kind, jax version."""
+    """One line naming the machine: CPU count, platform, device kind, jax version, and the load
+    average when the section is written (a busy CPU slows every timing above)."""
     dev = jax.devices()[0]
     return (
         f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
         f"{jax.default_backend()} ({dev.device_kind}), jax {jax.__version__}, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}; load average {load_average()} (1/5/15 min)"
     )
 
 

@@ -28,7 +28,6 @@ Run ``python benchmarks/samplers.py [--quick]``; writes the "samplers" section o
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -296,13 +295,6 @@ def run(quick: bool):
 
 
 # --- report ------------------------------------------------------------------------------------
-def load_average():
-    """The 1/5/15-minute load averages: the CPU is shared, so timings carry this caveat."""
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
 def table(rows, den_name):
     lines = [
         "| sampler | target NFE | steps | NFE | time (ms) | min (ms) | api (ms) | overhead "
@@ -385,9 +377,9 @@ def section(rows, quick, elapsed):
         for d in DENOISERS
     }
     parts = [
-        f"`python benchmarks/samplers.py{' --quick' if quick else ''}` ({elapsed:.0f} s; load "
-        f"average {load_average()} (1/5/15 min) at the end on {os.cpu_count()} cores shared with "
-        "other jobs: absolute times are noisy, ratios and compile trends less so).",
+        f"`python benchmarks/samplers.py{' --quick' if quick else ''}` ({elapsed:.0f} s; the load "
+        "average below is read at the end: on a shared CPU absolute times are noisy, ratios and "
+        "compile trends less so).",
         "",
         f"EDM process, Karras grids (rho = 7) ending with (t_min, 0), batch {BATCH}, float32; "
         "times of repeated calls with `block_until_ready`. *time* / *min*: median / minimum of "
