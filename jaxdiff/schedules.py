@@ -119,7 +119,9 @@ def _refine(process: Process, ts, r: int):
     u = jnp.arange(r, dtype=lam.dtype) / r
     fine = (lam[:-1, None] + u * (lam[1:] - lam[:-1])[:, None]).reshape(-1)
     body = process.t_from_log_snr(jnp.concatenate([fine, lam[-1:]]))
-    return append_zero(_clip(process, body))
+    # the grid's own end points, exactly (a grid may start below t_max, e.g. a trajectory's tail)
+    body = jnp.clip(body, process.t_min, process.t_max).at[0].set(ts[0]).at[-1].set(ts[-2])
+    return append_zero(body)
 
 
 def fine_trajectory(process: Process, denoise, x_T, ts, *, teacher=None, refine: int = 2):
@@ -241,6 +243,7 @@ def gits(
     refine: int = 2,
     coeff: float = 1.0,
     pin_t_min: bool = False,
+    error: str = "propagated",
 ):
     r"""Geometry-inspired time scheduling (GITS; Chen et al. 2024, "On the Trajectory Regularity
     of ODE-based Diffusion Sampling", Alg. 1): an ``n``-step grid chosen by dynamic programming.
@@ -256,6 +259,24 @@ def gits(
           - x^{\star}_{s_j}/\alpha_{s_j}\big\|,
 
        and the step into 0 returns :math:`D(x^\star_{s_i}, s_i)` (the engine's last step).
+
+       With ``error="propagated"`` (the default) each cost is multiplied by the factor by which
+       the probability-flow ODE carries an error made at :math:`\tilde\sigma_j` to the final
+       sample, for data :math:`\mathcal N(\mu, s^2 I)`: there :math:`D` is linear, a
+       perturbation obeys :math:`d\delta/d\tilde\sigma = \tilde\sigma\,\delta/(s^2 +
+       \tilde\sigma^2)`, and
+
+       .. math:: w_j = \frac{s}{\sqrt{s^2 + \tilde\sigma_j^2}},
+
+       with :math:`s` the standard deviation of the teacher's samples (:math:`w = 1` for the step
+       into 0). ``error="local"`` is the paper's unweighted cost. The two pick similar grids for
+       accurate denoisers, but where the denoiser is poor at high noise, as an eps-prediction
+       network on the VP process is (its error is multiplied by :math:`\tilde\sigma`), the
+       local cost spends the steps at the highest noise levels, whose errors the flow later
+       shrinks by :math:`w`, and jumps to 0 from a mid noise level. Measured with DDIM on a
+       digits U-Net trained 800 steps (eps prediction, VP, :math:`\tilde\sigma_{max} = 152`;
+       held-out error against a 200-step teacher): local 6.68 / 4.80, propagated 2.05 / 1.16,
+       best hand-made grid 2.65 / 1.44 at NFE 5 / 8.
     3. Dynamic programming finds the path :math:`0 = p_0 < \dots < p_n = F` minimizing
        :math:`\sum_k \gamma^k C_{p_k p_{k+1}}` (``coeff`` = :math:`\gamma`, the paper's
        cost-scaling factor; 1 weighs every step alike, :math:`\gamma > 1` favours accuracy in
@@ -263,7 +284,8 @@ def gits(
 
     Measured in ``tests/test_geometry.py`` (6-component 8-d mixture, EDM, 32 warm-up samples):
     DDIM's error on GITS grids is about half its error on the best of the uniform, log-SNR and
-    Karras grids at NFE 5, 6, 8 and 10.
+    Karras grids at NFE 5, 6, 8 and 10; with an emulated eps-prediction error on VP the local
+    cost loses to the hand-made grids and the propagated one wins.
 
     Returns ``n + 1`` decreasing times from ``t_max`` ending with 0, like the hand-made grids.
     The last time before 0 is where the final denoising happens: chosen by the program unless
@@ -279,6 +301,8 @@ def gits(
         >>> jaxdiff.sample(jaxdiff.samplers.ddim(vp), denoise, x_T, ts)
     """
     _check_n(n)
+    if error not in ("propagated", "local"):
+        raise ValueError(f"error must be 'propagated' or 'local'; got {error!r}.")
     x_T = jnp.asarray(x_T)
     dtype = jnp.result_type(x_T)
     fine = _fine_grid(process, fine_steps, fine_grid, dtype)
@@ -290,10 +314,28 @@ def gits(
         costs = _ddim_costs(process, denoise, traj, fine)
     else:
         costs = _sampler_costs(sampler, denoise, traj, fine)
+    if error == "propagated":
+        costs = costs * _propagation_weights(process, fine, jnp.std(traj[-1]))
     if pin_t_min and n > 1:  # the last step must start at t_min
         costs = costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1])
     path, _ = _shortest_path(costs, n, jnp.asarray(coeff, costs.dtype))
     return fine[path]
+
+
+def _propagation_weights(process: Process, ts, data_std):
+    r"""How much of an error made at each time of ``ts`` reaches the final sample.
+
+    For data :math:`\mathcal N(\mu, s^2 I)` the probability-flow ODE is linear and carries a
+    perturbation at noise level :math:`\tilde\sigma = \sigma_t/\alpha_t` (EDM coordinates) to
+    :math:`s/\sqrt{s^2 + \tilde\sigma^2}` times its size at :math:`t = 0`; ``data_std`` is
+    :math:`s`, and a final 0 in ``ts`` gets weight 1. Used by :func:`gits` to weigh its local
+    costs.
+    """
+    ts = jnp.asarray(ts)
+    positive = ts > 0
+    sig = jnp.exp(-0.5 * process.log_snr(jnp.where(positive, ts, ts[0])))
+    sig = jnp.where(positive, sig, 0.0)
+    return data_std / jnp.sqrt(data_std**2 + sig**2)
 
 
 def _fine_grid(process: Process, fine_steps, fine_grid, dtype):
