@@ -1,9 +1,9 @@
 """The main job: train a small diffusion model, then compare samplers at several NFE.
 
 ``python -m experiments.demo`` (about 2 minutes on a 2-core CPU): trains an MLP on two moons with
-a progress bar, samples with DDPM, DDIM, Heun, DPM-Solver-3, DPM-Solver++(2M), iPNDM and the
-diffrax probability-flow ODE at several numbers of network evaluations (NFE), and writes into the
-run folder (default ``runs/demo``):
+a progress bar, samples with DDPM, DDIM (on a uniform and on a GITS grid), Heun, DPM-Solver-3,
+DPM-Solver++(2M), iPNDM and the diffrax probability-flow ODE at several numbers of network
+evaluations (NFE), and writes into the run folder (default ``runs/demo``):
 
 - ``samples_<sampler>.png``: the data next to the samples at each NFE,
 - ``trajectories.png``: sampling trajectories ``x_t`` and denoising trajectories ``D(x_t, t)``,
@@ -59,11 +59,18 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler of the comparison: its label, factory ``factory(process)`` and grid."""
+    """A sampler of the comparison: its label, factory ``factory(process)`` and grid
+    ``grid(process, n)``, or ``grid(process, n, denoise, warm)`` for a grid fitted to the model
+    (``fitted=True``) from the warm-up noise ``warm``."""
 
     label: str
     factory: Callable
     grid: Callable
+    fitted: bool = False
+
+
+def _gits(process, n, denoise, warm):
+    return schedules.gits(process, denoise, warm, n)
 
 
 SAMPLERS = (
@@ -77,7 +84,9 @@ SAMPLERS = (
         "DPM-Solver++(2M)", lambda p: samplers.dpm_solver_pp(p, order=2), schedules.log_snr_uniform
     ),
     SamplerSpec("iPNDM", samplers.ipndm, schedules.karras),
+    SamplerSpec("DDIM on GITS", samplers.ddim, _gits, fitted=True),
 )
+WARMUP = 64  # warm-up samples of the GITS grid (Chen et al. 2024 use a few hundred)
 DIFFRAX_RTOLS = (1e-1, 1e-2, 1e-3)
 
 
@@ -156,10 +165,16 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key):
+def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key, warmup=None):
     sampler = spec.factory(process)
     # the step count whose NFE is nearest the target, the sampler's cost per step read off its step
-    ts = spec.grid(process, evaluate.steps_for_nfe(evaluate.nfe_per_step(sampler, process), nfe))
+    n = evaluate.steps_for_nfe(evaluate.nfe_per_step(sampler, process), nfe)
+    if spec.fitted:
+        if warmup is None:
+            raise ValueError(f"{spec.label} fits its grid to the model: pass warmup=(denoise, x).")
+        ts = spec.grid(process, n, *warmup)
+    else:
+        ts = spec.grid(process, n)
     run = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key)  # noqa: E731
     _timed(run)  # compile
     result, seconds = _timed(run)
@@ -183,10 +198,21 @@ def _diffrax_pf_ode(process, denoise, x_T, rtol: float):
 
 
 def compare_samplers(
-    process, denoise, x_T, nfes, quality: Quality, *, key, rtols=DIFFRAX_RTOLS, progress=True
+    process,
+    denoise,
+    x_T,
+    nfes,
+    quality: Quality,
+    *,
+    key,
+    rtols=DIFFRAX_RTOLS,
+    progress=True,
+    warmup=None,
 ):
     """Rows ``{sampler, target, nfe, quality, seconds}`` for every sampler and NFE (and every
-    tolerance of the adaptive diffrax solve)."""
+    tolerance of the adaptive diffrax solve). ``warmup = (denoise_w, x_w)``: the denoiser of a
+    warm-up batch and its noise, drawn apart from ``x_T``, for the grids fitted to the model
+    (GITS); its time is not counted in ``seconds``."""
     jobs = [(s, n) for s in SAMPLERS for n in nfes] + [(None, r) for r in rtols]
     rows, samples = [], {}
     for spec, arg in tqdm(jobs, desc="sampling", disable=not progress):
@@ -194,7 +220,7 @@ def compare_samplers(
             x, nfe, sec = _diffrax_pf_ode(process, denoise, x_T, arg)
             label, target = "PF-ODE (diffrax Tsit5)", f"rtol {arg:g}"
         else:
-            x, nfe, sec = _scan_sampler(spec, process, denoise, x_T, arg, key)
+            x, nfe, sec = _scan_sampler(spec, process, denoise, x_T, arg, key, warmup)
             label, target = spec.label, arg
         rows.append(dict(sampler=label, target=target, nfe=nfe, quality=quality(x), seconds=sec))
         samples[(label, nfe)] = x
@@ -348,7 +374,9 @@ def write_report(out: Path, c: DemoConfig, train_cfg, rows, quality_name, stats,
     lines += [
         "",
         "Grids: DDPM and DDIM time-uniform, Heun and iPNDM Karras (rho = 7), DPM-Solvers "
-        "log-SNR uniform; every grid ends at t = 0 with the denoiser's output. The diffrax row "
+        "log-SNR uniform; every grid ends at t = 0 with the denoiser's output. DDIM on GITS: "
+        f"the grid chosen by dynamic programming from {WARMUP} other warm-up samples (Chen et al. "
+        "2024; `jaxdiff.schedules.gits`, fitting time not counted). The diffrax row "
         "counts 6 evaluations per Tsit5 step plus the first and the final denoiser call. "
         "Heun and DPM-Solver-3 at NFE <= 5 take only 2-3 steps, too few for a high-order "
         "single-step method from t_max (the known instability of few-step high-order solvers).",
@@ -390,9 +418,12 @@ def run_demo(c: DemoConfig) -> dict:
     quality = Quality(c.preset, reference)
     nfes = (10,) if c.fast else c.nfes
     rtols = (1e-2,) if c.fast else DIFFRAX_RTOLS
+    warm = run.process.prior_sample((WARMUP, *run.shape), key=jax.random.fold_in(key, 3))
+    warmup = (sampling.run_denoiser(run, labels=_null_labels(run, WARMUP)), warm)
     rows, samples = compare_samplers(
-        run.process, denoise, x_T, nfes, quality, key=jax.random.fold_in(key, 2), rtols=rtols
-    )
+        run.process, denoise, x_T, nfes, quality, key=jax.random.fold_in(key, 2), rtols=rtols,
+        warmup=warmup,
+    )  # fmt: skip
     shown = reference if c.preset == "toy2d" else reference.reshape(-1, 8, 8, 1)
     paths = plot_samples(out, c.preset, shown, samples, rows)
     floor = quality.floor(c.seed)
@@ -432,7 +463,7 @@ def parse_args(argv=None) -> DemoConfig:
     import tyro
 
     config = tyro.cli(DemoConfig, args=argv)
-    if os.environ.get("JAXDIFF_FAST"):
+    if os.environ.get("JAXDIFF_FAST", "0") == "1":
         config = dataclasses.replace(config, fast=True)
     return config
 

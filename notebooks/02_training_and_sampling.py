@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -49,7 +51,7 @@ from flax import nnx
 import jaxdiff
 from jaxdiff import analytic, data, losses, metrics, samplers, schedules, sde, training
 
-FAST = bool(os.environ.get("JAXDIFF_FAST"))
+FAST = os.environ.get("JAXDIFF_FAST", "0") == "1"
 process = jaxdiff.VP()
 key = jax.random.key(0)
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -48,7 +50,7 @@ from flax import nnx
 import jaxdiff
 from jaxdiff import analytic, data, guidance, losses, samplers, schedules, training
 
-FAST = bool(os.environ.get("JAXDIFF_FAST"))
+FAST = os.environ.get("JAXDIFF_FAST", "0") == "1"
 process = jaxdiff.VP()
 
 # %% [markdown]

@@ -53,7 +53,7 @@ import jaxdiff
 from jaxdiff import analytic, geometry, samplers, schedules
 
 jax.config.update("jax_enable_x64", True)
-FAST = bool(os.environ.get("JAXDIFF_FAST"))
+FAST = os.environ.get("JAXDIFF_FAST", "0") == "1"
 edm = jaxdiff.EDM()
 dim = 16
 key = jax.random.key(0)

@@ -20,6 +20,10 @@ def test_demo_fast_writes_outputs_and_numbers(tmp_path):
     assert np.all(np.isfinite(ddpm)) and min(ddpm) < 1.0
     for name in ("report.md", "results.json", "quality_vs_nfe.png", "trajectories.png"):
         assert (out / name).stat().st_size > 0
-    assert len(list(out.glob("samples_*.png"))) == 7
+    assert len(list(out.glob("samples_*.png"))) == 8
+    # DDIM on the GITS grid fitted to the model is no worse than on the uniform grid at NFE 10
+    quality = {(r["sampler"], r["target"]): r["quality"] for r in result["rows"]}
+    assert nfe[("DDIM on GITS", 10)] == 10
+    assert quality[("DDIM on GITS", 10)] < quality[("DDIM", 10)], quality
     assert json.loads((out / "results.json").read_text())["data_floor"] < 0.2
     assert (out / "model" / "checkpoints").is_dir()
