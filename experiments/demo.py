@@ -60,8 +60,9 @@ class DemoConfig:
 @dataclass(frozen=True)
 class SamplerSpec:
     """A sampler of the comparison: its label, factory ``factory(process)`` and grid
-    ``grid(process, n)``, or ``grid(process, n, denoise, warm)`` for a grid fitted to the model
-    (``fitted=True``) from the warm-up noise ``warm``."""
+    ``grid(process, n)``, or, for a grid fitted to the model (``fitted=True``),
+    ``grid(process, ns, denoise, warm) -> {n: grid}`` for all step counts ``ns`` at once from the
+    warm-up noise ``warm``."""
 
     label: str
     factory: Callable
@@ -69,8 +70,9 @@ class SamplerSpec:
     fitted: bool = False
 
 
-def _gits(process, n, denoise, warm):
-    return schedules.gits(process, denoise, warm, n)
+def _gits(process, ns, denoise, warm):
+    """GITS grids for the step counts ``ns`` (one teacher solve and cost matrix for all)."""
+    return dict(zip(ns, schedules.gits(process, denoise, warm, tuple(ns)), strict=True))
 
 
 SAMPLERS = (
@@ -165,16 +167,25 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key, warmup=None):
+def _steps(spec: SamplerSpec, process, nfe: int) -> int:
+    """The step count whose NFE is nearest ``nfe``, the sampler's cost per step read off its step."""
+    return evaluate.steps_for_nfe(evaluate.nfe_per_step(spec.factory(process), process), nfe)
+
+
+def _fitted_grids(spec: SamplerSpec, process, nfes, warmup) -> dict:
+    """``{nfe: grid}`` of a grid fitted to the model, every NFE from one fit."""
+    if warmup is None:
+        raise ValueError(f"{spec.label} fits its grid to the model: pass warmup=(denoise, x).")
+    steps = {nfe: _steps(spec, process, nfe) for nfe in nfes}
+    grids = spec.grid(process, sorted(set(steps.values())), *warmup)
+    return {nfe: grids[n] for nfe, n in steps.items()}
+
+
+def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key, ts=None):
+    """Samples, NFE and seconds of ``spec`` at the target ``nfe`` (on ``ts`` if given)."""
     sampler = spec.factory(process)
-    # the step count whose NFE is nearest the target, the sampler's cost per step read off its step
-    n = evaluate.steps_for_nfe(evaluate.nfe_per_step(sampler, process), nfe)
-    if spec.fitted:
-        if warmup is None:
-            raise ValueError(f"{spec.label} fits its grid to the model: pass warmup=(denoise, x).")
-        ts = spec.grid(process, n, *warmup)
-    else:
-        ts = spec.grid(process, n)
+    if ts is None:
+        ts = spec.grid(process, _steps(spec, process, nfe))
     run = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key)  # noqa: E731
     _timed(run)  # compile
     result, seconds = _timed(run)
@@ -214,13 +225,15 @@ def compare_samplers(
     warm-up batch and its noise, drawn apart from ``x_T``, for the grids fitted to the model
     (GITS); its time is not counted in ``seconds``."""
     jobs = [(s, n) for s in SAMPLERS for n in nfes] + [(None, r) for r in rtols]
+    fitted = {s.label: _fitted_grids(s, process, nfes, warmup) for s in SAMPLERS if s.fitted}
     rows, samples = [], {}
     for spec, arg in tqdm(jobs, desc="sampling", disable=not progress):
         if spec is None:
             x, nfe, sec = _diffrax_pf_ode(process, denoise, x_T, arg)
             label, target = "PF-ODE (diffrax Tsit5)", f"rtol {arg:g}"
         else:
-            x, nfe, sec = _scan_sampler(spec, process, denoise, x_T, arg, key, warmup)
+            ts = fitted[spec.label][arg] if spec.fitted else None
+            x, nfe, sec = _scan_sampler(spec, process, denoise, x_T, arg, key, ts)
             label, target = spec.label, arg
         rows.append(dict(sampler=label, target=target, nfe=nfe, quality=quality(x), seconds=sec))
         samples[(label, nfe)] = x

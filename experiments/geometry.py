@@ -182,10 +182,12 @@ def schedule_study(config, process, denoise, shape, dtype, key):
             ("iPNDM", samplers.ipndm(process)),
         )
     ]
+    # every DDIM grid from one GITS teacher solve and cost matrix
+    fitted = schedules.gits(process, denoise, warm[: config.warmup // 2], tuple(config.nfes))
+    gits_grids = dict(zip(config.nfes, fitted, strict=True))
     for name, sampler, n in tqdm(jobs, desc="schedules", disable=not config.progress):
         if name == "DDIM":
-            fitted = schedules.gits(process, denoise, warm[: config.warmup // 2], n)
-            label = "GITS"
+            fitted, label = gits_grids[n], "GITS"
         else:
             fitted = schedules.optimize(
                 sampler, denoise, warm, n, teacher=warm_ref, steps=config.opt_steps

@@ -158,8 +158,7 @@ def _ddim_costs(process: Process, denoise, traj, ts):
     """
     scaled = traj * _edm_scale(process, ts, traj)
     x0 = jax.lax.map(lambda a: denoise(a[0], a[1]), (traj[:-1], ts[:-1]))
-    sig = jnp.exp(-0.5 * process.log_snr(ts[:-1]))
-    sig = jnp.concatenate([sig, jnp.zeros((1,), sig.dtype)])  # noise level 0 at t = 0
+    sig = _noise_levels(process, ts)
 
     def row(args):
         xi, d, si = args
@@ -234,7 +233,7 @@ def gits(
     process: Process,
     denoise,
     x_T,
-    n: int,
+    n,
     *,
     sampler=None,
     fine_steps: int = 120,
@@ -287,7 +286,9 @@ def gits(
     Karras grids at NFE 5, 6, 8 and 10; with an emulated eps-prediction error on VP the local
     cost loses to the hand-made grids and the propagated one wins.
 
-    Returns ``n + 1`` decreasing times from ``t_max`` ending with 0, like the hand-made grids.
+    Returns ``n + 1`` decreasing times from ``t_max`` ending with 0, like the hand-made grids;
+    for a sequence ``n = (5, 8, ...)`` a tuple of such grids, one per entry, from one teacher
+    solve and one cost matrix (the costs do not depend on ``n``).
     The last time before 0 is where the final denoising happens: chosen by the program unless
     ``pin_t_min=True`` fixes it at ``t_min`` (the convention of the hand-made grids).
 
@@ -300,15 +301,22 @@ def gits(
         >>> ts = jaxdiff.schedules.gits(vp, denoise, warm, 6)
         >>> jaxdiff.sample(jaxdiff.samplers.ddim(vp), denoise, x_T, ts)
     """
-    _check_n(n)
+    ns = (n,) if isinstance(n, int) else tuple(n)
+    if not ns:
+        raise ValueError("n must be a positive int or a non-empty sequence of them.")
+    for k in ns:
+        _check_n(k)
     if error not in ("propagated", "local"):
         raise ValueError(f"error must be 'propagated' or 'local'; got {error!r}.")
     x_T = jnp.asarray(x_T)
     dtype = jnp.result_type(x_T)
     fine = _fine_grid(process, fine_steps, fine_grid, dtype)
     m = fine.shape[0]
-    if n > m - 1 or (pin_t_min and n > 1 and n > m - 2):
-        raise ValueError(f"n = {n} steps need a finer grid: the fine grid has only {m - 1} steps.")
+    for k in ns:
+        if k > m - 1 or (pin_t_min and k > 1 and k > m - 2):
+            raise ValueError(
+                f"n = {k} steps need a finer grid: the fine grid has only {m - 1} steps."
+            )
     traj = fine_trajectory(process, denoise, x_T, fine, teacher=teacher, refine=refine)
     if sampler is None:
         costs = _ddim_costs(process, denoise, traj, fine)
@@ -316,10 +324,13 @@ def gits(
         costs = _sampler_costs(sampler, denoise, traj, fine)
     if error == "propagated":
         costs = costs * _propagation_weights(process, fine, jnp.std(traj[-1]))
-    if pin_t_min and n > 1:  # the last step must start at t_min
-        costs = costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1])
-    path, _ = _shortest_path(costs, n, jnp.asarray(coeff, costs.dtype))
-    return fine[path]
+    coeff = jnp.asarray(coeff, costs.dtype)
+    # the last step must start at t_min
+    pinned = costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1])
+    grids = tuple(
+        fine[_shortest_path(pinned if pin_t_min and k > 1 else costs, k, coeff)[0]] for k in ns
+    )
+    return grids[0] if isinstance(n, int) else grids
 
 
 def _propagation_weights(process: Process, ts, data_std):
@@ -331,11 +342,15 @@ def _propagation_weights(process: Process, ts, data_std):
     :math:`s`, and a final 0 in ``ts`` gets weight 1. Used by :func:`gits` to weigh its local
     costs.
     """
-    ts = jnp.asarray(ts)
+    sig = _noise_levels(process, jnp.asarray(ts))
+    return data_std / jnp.sqrt(data_std**2 + sig**2)
+
+
+def _noise_levels(process: Process, ts):
+    r""":math:`\tilde\sigma_t = \sigma_t/\alpha_t` of each time of ``ts``, 0 at a time 0."""
     positive = ts > 0
     sig = jnp.exp(-0.5 * process.log_snr(jnp.where(positive, ts, ts[0])))
-    sig = jnp.where(positive, sig, 0.0)
-    return data_std / jnp.sqrt(data_std**2 + sig**2)
+    return jnp.where(positive, sig, 0.0)
 
 
 def _fine_grid(process: Process, fine_steps, fine_grid, dtype):

@@ -349,6 +349,15 @@ def test_gits_pins_t_min_and_checks_input(mixture):
     warm = mixture[0][:8]
     ts = schedules.gits(EDM, DEN, warm, 4, pin_t_min=True, fine_steps=20)
     assert float(ts[-2]) == pytest.approx(EDM.t_min) and ts.shape == (5,)
+    # several step counts from one teacher solve and cost matrix: the same grids one by one
+    many = schedules.gits(EDM, DEN, warm, (4, 1, 6), pin_t_min=True, fine_steps=20)
+    assert [g.shape for g in many] == [(5,), (2,), (7,)]
+    np.testing.assert_array_equal(many[0], ts)
+    np.testing.assert_array_equal(
+        many[2], schedules.gits(EDM, DEN, warm, 6, pin_t_min=True, fine_steps=20)
+    )
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        schedules.gits(EDM, DEN, warm, ())
     with pytest.raises(ValueError, match="positive int"):
         schedules.gits(EDM, DEN, warm, 0)
     with pytest.raises(ValueError, match="finer grid"):

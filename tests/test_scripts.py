@@ -14,6 +14,7 @@ from flax import nnx
 import jaxdiff
 from experiments import edit as edit_script
 from experiments import evaluate as eval_script
+from experiments import geometry as geometry_script
 from experiments import guidance_digits as guidance_script
 from experiments import train as train_script
 from jaxdiff import nets, samplers
@@ -159,3 +160,22 @@ def test_guidance_digits_tiny(tmp_path):
     rows = _table_rows((workdir / "guidance.md").read_text())
     assert [row[:2] for row in rows] == [["classifier-free", "0"], ["classifier-free", "2"]]
     assert json.loads((workdir / "guidance.json").read_text())["train_steps"] == 3
+
+
+# --- geometry ------------------------------------------------------------------------------------
+def test_geometry_script_on_the_mixture_writes_figures_and_summary(tmp_path):
+    result = geometry_script.main(
+        ["--workdir", str(tmp_path), "--num", "4", "--steps", "8", "--warmup", "8",
+         "--held-out", "8", "--teacher-steps", "20", "--nfes", "4", "6", "--opt-nfes", "4",
+         "--opt-steps", "2", "--memorize-points", "4", "--reference-points", "64",
+         "--no-progress"]
+    )  # fmt: skip
+    for name in ("deviation", "convergence", "projection", "score_deviation", "schedules"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert "## Schedules" in (tmp_path / "summary.md").read_text()
+    rows = {(r["sampler"], r["nfe"]): r for r in result["schedules"]}
+    assert set(rows) == {("DDIM", 4), ("DDIM", 6), ("DPM-Solver++(2M)", 4), ("iPNDM", 4)}
+    assert all(math.isfinite(r["error"]) and r["error"] > 0 for r in rows.values())
+    # quasi-linear trajectories even at 8 Heun steps; the memorization check lands on data points
+    assert 0 < result["worst_chord_deviation"] < 0.1 and result["explained_2d"] > 0.99
+    assert result["memorization"]["max_distance"] < 1e-3
