@@ -14,7 +14,7 @@ evaluations (NFE), and writes into the run folder (default ``runs/demo``):
 ``--preset digits`` does the same on scikit-learn's 8x8 digits with a class-conditional U-Net
 (sampled unconditionally through the null class), sample grids instead of scatter plots, and the
 Frechet distance in the features of a digits classifier as the quality measure; on a 2-core CPU
-it takes about 15 minutes (2000 U-Net steps at ~5 steps/s, then 27 sampling runs of 256 images).
+it takes about 10 minutes (2000 U-Net steps at ~5 steps/s, then 31 sampling runs of 256 images).
 ``JAXDIFF_FAST=1`` (or ``--fast``) shrinks everything for a smoke run.
 """
 
