@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxdiff
-from experiments import configs, evaluate
+from experiments import configs
 from experiments import sample as sampling
 from experiments import train as training_script
 from jaxdiff import metrics, samplers, schedules, sde
@@ -167,16 +167,17 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _steps(spec: SamplerSpec, process, nfe: int) -> int:
+def _steps(sampler, process, nfe: int) -> int:
     """The step count whose NFE is nearest ``nfe``, the sampler's cost per step read off its step."""
-    return evaluate.steps_for_nfe(evaluate.nfe_per_step(spec.factory(process), process), nfe)
+    return sampling.steps_for_nfe(sampling.nfe_per_step(sampler, process), nfe)
 
 
 def _fitted_grids(spec: SamplerSpec, process, nfes, warmup) -> dict:
     """``{nfe: grid}`` of a grid fitted to the model, every NFE from one fit."""
     if warmup is None:
         raise ValueError(f"{spec.label} fits its grid to the model: pass warmup=(denoise, x).")
-    steps = {nfe: _steps(spec, process, nfe) for nfe in nfes}
+    sampler = spec.factory(process)
+    steps = {nfe: _steps(sampler, process, nfe) for nfe in nfes}
     grids = spec.grid(process, sorted(set(steps.values())), *warmup)
     return {nfe: grids[n] for nfe, n in steps.items()}
 
@@ -185,7 +186,7 @@ def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key, ts=No
     """Samples, NFE and seconds of ``spec`` at the target ``nfe`` (on ``ts`` if given)."""
     sampler = spec.factory(process)
     if ts is None:
-        ts = spec.grid(process, _steps(spec, process, nfe))
+        ts = spec.grid(process, _steps(sampler, process, nfe))
     run = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key)  # noqa: E731
     _timed(run)  # compile
     result, seconds = _timed(run)

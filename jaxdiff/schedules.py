@@ -325,11 +325,11 @@ def gits(
     if error == "propagated":
         costs = costs * _propagation_weights(process, fine, jnp.std(traj[-1]))
     coeff = jnp.asarray(coeff, costs.dtype)
-    # the last step must start at t_min
-    pinned = costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1])
-    grids = tuple(
-        fine[_shortest_path(pinned if pin_t_min and k > 1 else costs, k, coeff)[0]] for k in ns
+    # pin_t_min: the last step must start at t_min (a one-step grid goes straight to 0)
+    pinned = (
+        costs.at[:, -1].set(jnp.inf).at[m - 2, -1].set(costs[m - 2, -1]) if pin_t_min else costs
     )
+    grids = tuple(fine[_shortest_path(pinned if k > 1 else costs, k, coeff)[0]] for k in ns)
     return grids[0] if isinstance(n, int) else grids
 
 

@@ -15,6 +15,7 @@ pool3 features of :func:`reference_images`, and ``calculate_frechet_distance`` o
 (pytest collects ``test_*.py`` only); the tests import its two generators.
 """
 
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -108,16 +109,10 @@ def main():
         features_large=features(reference_images(*LARGE)),
         frechet_distance=np.float64(fd),
         versions=np.array(
-            [f"{name} {_version(name)}" for name in ("torch", "pytorch-fid", "scipy")]
+            [f"{name} {version(name)}" for name in ("torch", "pytorch-fid", "scipy")]
         ),
     )
     print(f"wrote {OUT}; Frechet distance {fd:.10g}")
-
-
-def _version(package):
-    from importlib.metadata import version
-
-    return version(package)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,15 @@ import json
 
 import numpy as np
 import pytest
+from _toy_run import tiny_toy_args
 
 import jaxdiff
 from experiments import configs
 from experiments import sample as sampling
 from experiments import train as train_script
 
-# A tiny MLP on 512 moons points: 30 steps, logged every 10, checkpoints and PNGs every 15.
-TINY = [
-    "--preset", "toy2d", "--model.hidden", "16", "--model.depth", "1",
-    "--data.num-examples", "512", "--batch-size", "64", "--warmup", "5",
-    "--log-every", "10", "--sample-every", "15", "--checkpoint-every", "15",
-    "--keep-checkpoints", "2", "--num-samples", "64", "--sample-steps", "5", "--no-progress",
-]  # fmt: skip
+# A tiny MLP on 512 moons points: logged every 10 steps, checkpoints and PNGs every 15.
+TINY = [*tiny_toy_args(log_every=10, save_every=15), "--keep-checkpoints", "2"]
 
 
 @pytest.fixture(scope="module")

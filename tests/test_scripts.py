@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _toy_run import tiny_toy_args
 from flax import nnx
 
 import jaxdiff
@@ -19,13 +20,8 @@ from experiments import guidance_digits as guidance_script
 from experiments import train as train_script
 from jaxdiff import nets, samplers
 
-# A tiny MLP on 512 moons points, 30 steps (as tests/test_experiments.py).
-TINY = [
-    "--preset", "toy2d", "--model.hidden", "16", "--model.depth", "1",
-    "--data.num-examples", "512", "--batch-size", "64", "--warmup", "5",
-    "--log-every", "30", "--sample-every", "30", "--checkpoint-every", "30",
-    "--num-samples", "64", "--sample-steps", "5", "--no-progress", "--steps", "30",
-]  # fmt: skip
+# A tiny MLP on 512 moons points, 30 steps.
+TINY = [*tiny_toy_args(log_every=30, save_every=30), "--steps", "30"]
 
 
 @pytest.fixture(scope="module")
