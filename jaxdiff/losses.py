@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxdiff._utils import bcast, check_batch, is_concrete, mean_except_batch
 from jaxdiff.parameterization import denoiser as _make_denoiser
-from jaxdiff.processes import Process, _derivative
+from jaxdiff.processes import Process, time_derivative
 
 __all__ = [
     "TimeSampler",
@@ -295,7 +295,7 @@ def flow_loss(apply_fn, process, x0, *, key, t_sampler=None, weighting=None, t=N
     """
 
     def target(x0, eps, t):
-        da, ds = _derivative(process.alpha, t), _derivative(process.sigma, t)
+        da, ds = time_derivative(process.alpha, t), time_derivative(process.sigma, t)
         return bcast(da, x0) * x0 + bcast(ds, x0) * eps
 
     return _regression(apply_fn, process, x0, key, t_sampler, weighting, t, target, {})

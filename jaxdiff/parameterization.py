@@ -30,7 +30,7 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from jaxdiff._utils import as_time, bcast, check_batch
-from jaxdiff.processes import Process, _derivative
+from jaxdiff.processes import Process, time_derivative
 
 __all__ = [
     "PREDICTIONS",
@@ -71,7 +71,7 @@ def to_x0(process: Process, prediction: str, x, t, out):
         return (x + s**2 * out) / a
     if prediction == "v":
         return (a * x - s * out) / (a**2 + s**2)
-    da, ds = bcast(_derivative(process.alpha, t), x), bcast(_derivative(process.sigma, t), x)
+    da, ds = bcast(time_derivative(process.alpha, t), x), bcast(time_derivative(process.sigma, t), x)
     return (ds * x - s * out) / (a * ds - s * da)  # flow: solve x = a x0 + s e, u = a' x0 + s' e
 
 
@@ -88,7 +88,7 @@ def from_x0(process: Process, prediction: str, x, t, x0):
         return -e / s
     if prediction == "v":
         return a * e - s * x0
-    da, ds = bcast(_derivative(process.alpha, t), x), bcast(_derivative(process.sigma, t), x)
+    da, ds = bcast(time_derivative(process.alpha, t), x), bcast(time_derivative(process.sigma, t), x)
     return da * x0 + ds * e
 
 

@@ -23,20 +23,20 @@ Example:
     (4, 2)
 """
 
-from __future__ import annotations
-
+import abc
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox import AbstractVar
 
 from jaxdiff._utils import as_time, bcast, check_time_range, is_concrete, sum_except_batch
 
-__all__ = ["Process", "VP", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow"]
+__all__ = ["time_derivative", "Process", "VP", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow"]
 
 
-def _derivative(fn, t):
+def time_derivative(fn, t):
     """Elementwise d fn / dt by forward-mode autodiff (works for scalar or batched ``t``)."""
     t = as_time(t)
     return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
@@ -50,16 +50,46 @@ def _require(cond: bool, message: str):
 class Process(eqx.Module):
     r"""Abstract Gaussian path :math:`x_t = \alpha(t) x_0 + \sigma(t)\epsilon`.
 
-    Subclasses define ``alpha``, ``sigma``, ``t_min`` and ``t_max``; everything else is derived
-    here and may be overridden by a closed form.
+    Subclasses give ``alpha``, ``sigma``, ``t_min`` and ``t_max``; everything else is derived
+    here once and may be overridden by a closed form. ``Process()`` itself is a ``TypeError``.
     """
 
-    # --- to be given by a concrete process -------------------------------------------------
-    def alpha(self, t):
-        raise NotImplementedError
+    t_min: AbstractVar[float]
+    t_max: AbstractVar[float]
 
+    # --- to be given by a concrete process -------------------------------------------------
+    @abc.abstractmethod
+    def alpha(self, t):
+        r"""Signal scale :math:`\alpha(t)`."""
+
+    @abc.abstractmethod
     def sigma(self, t):
-        raise NotImplementedError
+        r"""Noise scale :math:`\sigma(t)`."""
+
+    # --- the conversions every sampler, loss and solver uses ------------------------------
+    def noise_level(self, t):
+        r"""EDM's noise level :math:`\tilde\sigma_t = \sigma_t/\alpha_t = e^{-\lambda_t/2}`."""
+        t = as_time(t)
+        return self.sigma(t) / self.alpha(t)
+
+    def t_from_noise_level(self, sigma_tilde):
+        r"""The time whose noise level :math:`\sigma_t/\alpha_t` is ``sigma_tilde``."""
+        return self.t_from_log_snr(-2.0 * jnp.log(as_time(sigma_tilde)))
+
+    def eps_from_x0(self, x, x0_hat, t):
+        r""":math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t` (``t`` scalar or ``(batch,)``)."""
+        t = as_time(t, x)
+        return (x - bcast(self.alpha(t), x) * x0_hat) / bcast(self.sigma(t), x)
+
+    def x0_from_eps(self, x, eps_hat, t):
+        r""":math:`\hat x_0 = (x - \sigma_t\hat\epsilon)/\alpha_t`."""
+        t = as_time(t, x)
+        return (x - bcast(self.sigma(t), x) * eps_hat) / bcast(self.alpha(t), x)
+
+    def score_from_x0(self, x, x0_hat, t):
+        r"""Tweedie's formula: :math:`\nabla\log p_t(x) = (\alpha_t\hat x_0 - x)/\sigma_t^2`."""
+        t = as_time(t, x)
+        return (bcast(self.alpha(t), x) * x0_hat - x) / bcast(self.sigma(t) ** 2, x)
 
     # --- derived quantities -----------------------------------------------------------------
     def log_alpha(self, t):
@@ -90,12 +120,12 @@ class Process(eqx.Module):
 
     def f(self, t):
         r"""Drift coefficient :math:`f(t) = d\log\alpha_t/dt`."""
-        return _derivative(self.log_alpha, t)
+        return time_derivative(self.log_alpha, t)
 
     def g2(self, t):
         r""":math:`g(t)^2 = -\sigma_t^2\,d\lambda/dt` (equal to :math:`d\sigma^2/dt - 2f\sigma^2`)."""
         t = as_time(t)
-        return -(self.sigma(t) ** 2) * _derivative(self.log_snr, t)
+        return -(self.sigma(t) ** 2) * time_derivative(self.log_snr, t)
 
     def drift(self, x, t):
         r"""Forward SDE drift :math:`f(t)\,x`."""
@@ -112,8 +142,8 @@ class Process(eqx.Module):
         """
         t = as_time(t, x)
         a, s = bcast(self.alpha(t), x), bcast(self.sigma(t), x)
-        da = bcast(_derivative(self.alpha, t), x)
-        ds = bcast(_derivative(self.sigma, t), x)
+        da = bcast(time_derivative(self.alpha, t), x)
+        ds = bcast(time_derivative(self.sigma, t), x)
         return da * x0 + ds / s * (x - a * x0)
 
     def marginal(self, x0, eps, t):
@@ -148,7 +178,41 @@ def _check_range(t_min, t_max):
         _require(float(t_max) > float(t_min), f"t_max must exceed t_min, got {t_min=}, {t_max=}.")
 
 
-class VP(Process):
+class _LinearBeta(Process):
+    r"""The linear :math:`\beta(t) = \beta_{min} + (\beta_{max} - \beta_{min})t` shared by VP and
+    sub-VP: :math:`\alpha_t = e^{-B(t)/2}` with :math:`B(t) = \int_0^t\beta`, :math:`f = -\beta/2`."""
+
+    beta_min: AbstractVar[float]
+    beta_max: AbstractVar[float]
+
+    def __check_init__(self):
+        if is_concrete(self.beta_min, self.beta_max):
+            _require(self.beta_min > 0, f"beta_min must be positive, got {self.beta_min}.")
+            _require(self.beta_max > self.beta_min, "beta_max must exceed beta_min.")
+        _check_range(self.t_min, self.t_max)
+
+    def _B(self, t):
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def _t_from_B(self, B):
+        """Invert :math:`B(t)` (the positive root of the quadratic)."""
+        d = self.beta_max - self.beta_min
+        return 2.0 * B / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * d * B))
+
+    def beta(self, t):
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
+
+    def log_alpha(self, t):
+        return -0.5 * self._B(as_time(t))
+
+    def f(self, t):
+        return -0.5 * self.beta(as_time(t))
+
+
+class VP(_LinearBeta):
     r"""Variance-preserving process with a linear :math:`\beta(t)` (DDPM; Song et al. 2021).
 
     :math:`\log\alpha_t = -\tfrac12 B(t)`, :math:`B(t) = \beta_{min} t + \tfrac12(\beta_{max} -
@@ -160,26 +224,8 @@ class VP(Process):
     t_min: float = 1e-3
     t_max: float = 1.0
 
-    def __check_init__(self):
-        if is_concrete(self.beta_min, self.beta_max):
-            _require(self.beta_min > 0, f"beta_min must be positive, got {self.beta_min}.")
-            _require(self.beta_max > self.beta_min, "beta_max must exceed beta_min.")
-        _check_range(self.t_min, self.t_max)
-
-    def _B(self, t):
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
-
-    def beta(self, t):
-        return self.beta_min + (self.beta_max - self.beta_min) * t
-
-    def alpha(self, t):
-        return jnp.exp(self.log_alpha(t))
-
     def sigma(self, t):
         return jnp.sqrt(-jnp.expm1(-self._B(as_time(t))))
-
-    def log_alpha(self, t):
-        return -0.5 * self._B(as_time(t))
 
     def log_sigma(self, t):
         return 0.5 * jnp.log(-jnp.expm1(-self._B(as_time(t))))
@@ -188,12 +234,7 @@ class VP(Process):
         return -jnp.log(jnp.expm1(self._B(as_time(t))))
 
     def t_from_log_snr(self, lam):
-        B = jax.nn.softplus(-as_time(lam))
-        d = self.beta_max - self.beta_min
-        return 2.0 * B / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * d * B))
-
-    def f(self, t):
-        return -0.5 * self.beta(as_time(t))
+        return self._t_from_B(jax.nn.softplus(-as_time(lam)))
 
     def g2(self, t):
         return self.beta(as_time(t))
@@ -245,7 +286,7 @@ class VPCosine(Process):
         return a / (math.pi / 2) * (1.0 + self.s) - self.s
 
 
-class SubVP(Process):
+class SubVP(_LinearBeta):
     r"""Sub-VP process (Song et al. 2021): VP's :math:`\alpha`, :math:`\sigma_t = 1 - \alpha_t^2`.
 
     :math:`f = -\beta/2`, :math:`g^2 = \beta(t)(1 - e^{-2B(t)})`.
@@ -256,38 +297,15 @@ class SubVP(Process):
     t_min: float = 1e-3
     t_max: float = 1.0
 
-    def __check_init__(self):
-        if is_concrete(self.beta_min, self.beta_max):
-            _require(self.beta_min > 0, f"beta_min must be positive, got {self.beta_min}.")
-            _require(self.beta_max > self.beta_min, "beta_max must exceed beta_min.")
-        _check_range(self.t_min, self.t_max)
-
-    def _B(self, t):
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
-
-    def beta(self, t):
-        return self.beta_min + (self.beta_max - self.beta_min) * t
-
-    def alpha(self, t):
-        return jnp.exp(-0.5 * self._B(as_time(t)))
-
     def sigma(self, t):
         return -jnp.expm1(-self._B(as_time(t)))
-
-    def log_alpha(self, t):
-        return -0.5 * self._B(as_time(t))
 
     def log_sigma(self, t):
         return jnp.log(-jnp.expm1(-self._B(as_time(t))))
 
     def t_from_log_snr(self, lam):
         # alpha / (1 - alpha^2) = exp(lam / 2)  =>  B = 2 asinh(exp(-lam / 2) / 2)
-        B = 2.0 * jnp.arcsinh(0.5 * jnp.exp(-0.5 * as_time(lam)))
-        d = self.beta_max - self.beta_min
-        return 2.0 * B / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * d * B))
-
-    def f(self, t):
-        return -0.5 * self.beta(as_time(t))
+        return self._t_from_B(2.0 * jnp.arcsinh(0.5 * jnp.exp(-0.5 * as_time(lam))))
 
     def g2(self, t):
         t = as_time(t)
