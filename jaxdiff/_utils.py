@@ -24,10 +24,16 @@ def float_dtype(*xs):
 
 
 def as_time(t, like=None):
-    """``t`` as a floating array, in the dtype of ``like`` when given (so float32 stays float32)."""
+    """``t`` as a floating array, in the dtype of ``like`` when given (so float32 stays float32).
+
+    Times are never narrower than float32: a bfloat16 or float16 ``like`` gives float32 times
+    (in bf16, 0.999 rounds to 1.0 and a process's ends are lost).
+    """
     dtype = jnp.result_type(like) if like is not None else None
     if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         dtype = None
+    if dtype is not None:
+        dtype = jnp.promote_types(dtype, jnp.float32)
     t = jnp.asarray(t, dtype=dtype)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(float_dtype(t))
