@@ -26,7 +26,7 @@ from jaxdiff import (
     sde,
 )
 from jaxdiff.parameterization import Denoiser, denoiser, eps, score
-from jaxdiff.processes import EDM, VE, VP, Process, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP, VPCosine
 from jaxdiff.samplers import Sampler, SampleResult, sample
 
 __version__ = "0.1.0"
@@ -58,6 +58,7 @@ __all__ = [
     "VE",
     "EDM",
     "RectifiedFlow",
+    "DiscreteVP",
     "Sampler",
     "SampleResult",
     "sample",

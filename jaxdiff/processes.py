@@ -29,11 +29,22 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from equinox import AbstractVar
 
 from jaxdiff._utils import as_time, bcast, check_time_range, is_concrete, sum_except_batch
 
-__all__ = ["time_derivative", "Process", "VP", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow"]
+__all__ = [
+    "time_derivative",
+    "Process",
+    "VP",
+    "VPCosine",
+    "SubVP",
+    "VE",
+    "EDM",
+    "RectifiedFlow",
+    "DiscreteVP",
+]
 
 
 def time_derivative(fn, t):
@@ -437,3 +448,148 @@ class RectifiedFlow(Process):
     def g2(self, t):
         t = as_time(t)
         return 2.0 * t / (1.0 - t)
+
+
+def _as_betas(betas):
+    """A beta table as a floating array leaf (float64 under ``jax_enable_x64``)."""
+    return jnp.asarray(betas, dtype=jnp.result_type(float))
+
+
+class DiscreteVP(Process):
+    r"""The variance-preserving process of a discrete beta table (DDPM; Ho et al. 2020).
+
+    A table :math:`\beta_0, \dots, \beta_{N-1}` defines :math:`\bar\alpha_n = \prod_{i\le n}
+    (1 - \beta_i)`. Following DPM-Solver's ``NoiseScheduleVP('discrete')`` (Lu et al. 2022,
+    App. D), step ``n`` sits at :math:`t_n = (n + 1)/N`, and :math:`\log\alpha_t` is piecewise
+    linear in :math:`t` through the knots
+
+    .. math:: \log\alpha_{t_n} = \tfrac12\sum_{i\le n}\log(1 - \beta_i),\qquad
+        \log\alpha_0 = 0,
+
+    so :math:`\alpha(t_n)^2 = \bar\alpha_n` exactly, :math:`\sigma_t = \sqrt{1 - \alpha_t^2}`
+    (computed as :math:`\sqrt{-\mathrm{expm1}(2\log\alpha_t)}`), ``t_min = 1/N``, ``t_max = 1``.
+    The knot :math:`(0, 0)` (the data) extends the table below ``t_min``, so ``alpha(0) = 1``.
+    The drift :math:`f = d\log\alpha/dt` is piecewise constant and :math:`g^2 = -2f`.
+    The network of a pretrained model is called at ``timestep(t)`` :math:`= Nt - 1`.
+
+    ``betas`` is an array leaf: under ``jax.jit``/``eqx.filter_jit`` it is traced, so a process
+    rebuilt from the same (or another) table of the same length never recompiles. Equal tables
+    compare equal and hash equal (the hash reads the concrete table; do not hash under a trace).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxdiff
+        >>> ddpm = jaxdiff.DiscreteVP.linear()          # DDPM's 1000 steps
+        >>> bool(jnp.allclose(ddpm.alpha(1.0) ** 2, jnp.prod(1 - ddpm.betas)))
+        True
+        >>> float(ddpm.timestep(ddpm.t_min))
+        0.0
+    """
+
+    betas: jax.Array = eqx.field(converter=_as_betas)
+
+    def __check_init__(self):
+        _require(
+            self.betas.ndim == 1 and self.betas.shape[0] >= 2,
+            f"betas must be a 1-D table of at least 2 steps; got shape {self.betas.shape}.",
+        )
+        if is_concrete(self.betas):
+            b = np.asarray(self.betas)
+            _require(bool(np.all(np.isfinite(b))), "betas must be finite; the table has NaN/inf.")
+            bad = b[(b <= 0) | (b >= 1)]
+            _require(bad.size == 0, f"betas must lie in (0, 1); got values {bad[:5]}.")
+
+    def __hash__(self):
+        return hash((type(self), str(self.betas.dtype), np.asarray(self.betas).tobytes()))
+
+    # --- the standard tables ----------------------------------------------------------------
+    @classmethod
+    def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        r"""DDPM's linear table (Ho et al. 2020): :math:`\beta_i` evenly spaced in
+        ``[beta_start, beta_end]`` (diffusers' ``"linear"``)."""
+        return cls(np.linspace(beta_start, beta_end, n, dtype=np.float64))
+
+    @classmethod
+    def scaled_linear(cls, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        r"""Latent diffusion's table (Rombach et al. 2022; diffusers' ``"scaled_linear"``):
+        :math:`\sqrt{\beta_i}` evenly spaced in :math:`[\sqrt{\beta_{start}}, \sqrt{\beta_{end}}]`."""
+        return cls(np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2)
+
+    @classmethod
+    def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+        r"""Improved DDPM's cosine table (Nichol & Dhariwal 2021, Eq. 17; diffusers'
+        ``"squaredcos_cap_v2"``): :math:`\beta_i = \min(1 - \bar a((i+1)/n)/\bar a(i/n),
+        \beta_{max})` with :math:`\bar a(u) = \cos^2\big(\frac{u + s}{1 + s}\frac\pi2\big)`."""
+        u = np.arange(n + 1, dtype=np.float64) / n
+        abar = np.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        return cls(np.minimum(1.0 - abar[1:] / abar[:-1], max_beta))
+
+    # --- the table ----------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        """``N``, the length of the table."""
+        return self.betas.shape[0]
+
+    @property
+    def t_min(self):
+        return 1.0 / self.n_steps
+
+    @property
+    def t_max(self):
+        return 1.0
+
+    @property
+    def alphas_cumprod(self):
+        r""":math:`\bar\alpha_n = \prod_{i\le n}(1 - \beta_i)`, shape ``(N,)``."""
+        return jnp.exp(2.0 * self._knots()[1:])
+
+    def _knots(self, dtype=None):
+        r""":math:`\log\alpha` at :math:`t = 0, 1/N, \dots, 1`, shape ``(N + 1,)``."""
+        knots = jnp.concatenate(
+            [jnp.zeros((1,), self.betas.dtype), 0.5 * jnp.cumsum(jnp.log1p(-self.betas))]
+        )
+        return knots if dtype is None else knots.astype(dtype)
+
+    def _segment(self, t):
+        """The segment ``k`` (between knots ``k`` and ``k + 1``) holding ``t``, and ``Nt - k``."""
+        u = self.n_steps * t
+        k = jnp.clip(jnp.floor(u), 0, self.n_steps - 1)
+        return k.astype(jnp.int32), u - k
+
+    def timestep(self, t):
+        """The network's (float) step index :math:`Nt - 1`: ``n`` at :math:`t_n = (n + 1)/N`."""
+        return self.n_steps * as_time(t) - 1.0
+
+    # --- the path -----------------------------------------------------------------------------
+    def log_alpha(self, t):
+        t = as_time(t)
+        knots = self._knots(t.dtype)
+        k, r = self._segment(t)
+        return knots[k] + r * (knots[k + 1] - knots[k])
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def log_sigma(self, t):
+        return 0.5 * jnp.log(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def t_from_log_snr(self, lam):
+        # alpha^2 = sigmoid(lam); invert the piecewise-linear log alpha on its (decreasing) knots
+        lam = as_time(lam)
+        log_alpha = 0.5 * jax.nn.log_sigmoid(lam)
+        knots = self._knots(lam.dtype)
+        k = jnp.searchsorted(-knots, -log_alpha, side="right") - 1
+        k = jnp.clip(k, 0, self.n_steps - 1)
+        r = (log_alpha - knots[k]) / (knots[k + 1] - knots[k])
+        return (k + r) / self.n_steps
+
+    def f(self, t):
+        t = as_time(t)
+        knots = self._knots(t.dtype)
+        k, _ = self._segment(t)
+        return self.n_steps * (knots[k + 1] - knots[k])
+
+    def g2(self, t):
+        return -2.0 * self.f(t)

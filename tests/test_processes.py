@@ -2,17 +2,22 @@
 forward SDE agree with alpha and sigma; float32 is safe over the whole time range."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import norm
 
-from jaxdiff.processes import EDM, VE, VP, Process, RectifiedFlow, SubVP, VPCosine
+import jaxdiff
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow, SubVP, VPCosine
 
-PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow(), DiscreteVP.linear()]
 IDS = [type(p).__name__ for p in PROCESSES]
 parametrize = pytest.mark.parametrize("process", PROCESSES, ids=IDS)
+# log alpha of DiscreteVP is piecewise linear: its conditional ODE has a kink at every table
+# point, so it is solved apart, with the solver told where the kinks are (see ode_endpoints).
+SMOOTH = [p for p in PROCESSES if not isinstance(p, DiscreteVP)]
 
 
 N_GRID = 400  # dense time grid; the SDE test uses as many steps, so one compilation serves all
@@ -80,31 +85,45 @@ X0, EPS = jnp.asarray(_rng.standard_normal((4, 3))), jnp.asarray(_rng.standard_n
 KEY = jax.random.key(1)
 
 
-@pytest.fixture(scope="module")
-def ode_endpoints():
-    """The six conditional ODEs from t_min to t_max, solved as one system (one compilation).
+def _solve_conditional_odes(processes, jump_ts=None):
+    """Conditional ODEs of ``processes`` from t_min to t_max, solved as one system.
 
     Process i runs in normalised time u in [0, 1], t_i(u) = t_min + u (t_max - t_min).
     """
-    spans = [(p.t_min, p.t_max - p.t_min) for p in PROCESSES]
+    spans = [(p.t_min, p.t_max - p.t_min) for p in processes]
 
     def velocity(u, ys, args):
         return tuple(
             d * p.conditional_velocity(y, X0, t0 + u * d)
-            for p, (t0, d), y in zip(PROCESSES, spans, ys, strict=True)
+            for p, (t0, d), y in zip(processes, spans, ys, strict=True)
         )
 
+    controller = diffrax.PIDController(rtol=1e-12, atol=1e-14)
+    if jump_ts is not None:
+        controller = diffrax.ClipStepSizeController(controller, jump_ts=jump_ts)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(velocity),
         diffrax.Tsit5(),
         t0=0.0,
         t1=1.0,
         dt0=None,
-        y0=tuple(p.marginal(X0, EPS, p.t_min) for p in PROCESSES),
-        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-14),
+        y0=tuple(p.marginal(X0, EPS, p.t_min) for p in processes),
+        stepsize_controller=controller,
         max_steps=100_000,
     )
-    return dict(zip(IDS, [y[-1] for y in sol.ys], strict=True))
+    return {type(p).__name__: y[-1] for p, y in zip(processes, sol.ys, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def ode_endpoints():
+    """Every process's conditional ODE: the smooth ones as one system (one compilation), the
+    DiscreteVP apart with a step ending on each table point (in normalised time)."""
+    ends = _solve_conditional_odes(SMOOTH)
+    discrete = [p for p in PROCESSES if isinstance(p, DiscreteVP)]
+    for p in discrete:
+        knots = (np.arange(1, p.n_steps) / p.n_steps - p.t_min) / (p.t_max - p.t_min)
+        ends.update(_solve_conditional_odes([p], jump_ts=jnp.asarray(knots)))
+    return ends
 
 
 @parametrize
@@ -216,6 +235,13 @@ def test_prior_sample_has_prior_std(process):
         (lambda: VE(t_min=0.0), "t_min"),
         (lambda: RectifiedFlow(t_max=1.0), "t_max"),
         (lambda: VPCosine(t_max=1.0), "t_max"),
+        (lambda: DiscreteVP(np.full((4, 2), 0.1)), "betas"),
+        (lambda: DiscreteVP([0.1]), "betas"),
+        (lambda: DiscreteVP([0.1, 0.0, 0.2]), "betas"),
+        (lambda: DiscreteVP([0.1, 1.0]), "betas"),
+        (lambda: DiscreteVP([0.1, -0.2]), "betas"),
+        (lambda: DiscreteVP([0.1, np.nan]), "betas"),
+        (lambda: DiscreteVP([0.1, np.inf]), "betas"),
     ],
 )
 def test_bad_construction_names_the_argument(build, name):
@@ -234,3 +260,122 @@ def test_check_t_rejects_times_outside_range(process):
         process.check_t(jnp.array([jnp.nan]))
     with pytest.raises(ValueError, match="t must lie in"):
         process.sample_marginal(jnp.ones((1, 2)), 2 * process.t_max, key=jax.random.key(0))
+
+
+# --- DiscreteVP: the process of a beta table -----------------------------------------------------
+BUILDERS = {
+    "linear": DiscreteVP.linear(),
+    "scaled_linear": DiscreteVP.scaled_linear(),
+    "cosine": DiscreteVP.cosine(),
+    "short": DiscreteVP(np.array([0.1, 0.3, 0.2, 0.6])),
+}
+parametrize_table = pytest.mark.parametrize("process", BUILDERS.values(), ids=BUILDERS.keys())
+
+
+def _alphas_cumprod(betas):
+    """The product of (1 - beta_i) for i <= n, as a plain loop in Python floats."""
+    out, acc = [], 1.0
+    for b in np.asarray(betas, np.float64):
+        acc *= 1.0 - b
+        out.append(acc)
+    return np.array(out)
+
+
+@parametrize_table
+def test_discrete_alpha_squared_at_table_points_is_cumprod(process):
+    n = process.n_steps
+    t_n = (np.arange(n) + 1) / n
+    abar = _alphas_cumprod(process.betas)
+    np.testing.assert_allclose(process.alpha(t_n) ** 2, abar, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(process.sigma(t_n) ** 2, 1 - abar, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(process.alphas_cumprod, abar, rtol=1e-12, atol=0)
+    assert process.t_min == 1 / n and process.t_max == 1.0
+
+
+@parametrize_table
+def test_discrete_log_alpha_is_dpm_solvers_interpolation(process):
+    # NoiseScheduleVP('discrete') of DPM-Solver: log alpha = 0.5 log(alphas_cumprod) on
+    # t_n = (n + 1)/N, linearly interpolated in t. Between t = 0 and t_min: the knot (0, 0).
+    n = process.n_steps
+    knots_t = np.arange(n + 1) / n
+    knots = np.concatenate([[0.0], 0.5 * np.log(_alphas_cumprod(process.betas))])
+    t = np.random.default_rng(3).uniform(0, 1, 500)
+    np.testing.assert_allclose(
+        process.log_alpha(t), np.interp(t, knots_t, knots), rtol=1e-12, atol=1e-15
+    )
+    assert float(process.alpha(0.0)) == 1.0 and float(process.sigma(0.0)) == 0.0
+
+
+@parametrize_table
+def test_discrete_t_from_log_snr_roundtrip(process):
+    # Dense in [1/N, 1], between and on the table points.
+    t = np.concatenate(
+        [np.linspace(process.t_min, 1.0, 3001), (np.arange(process.n_steps) + 1) / process.n_steps]
+    )
+    np.testing.assert_allclose(
+        process.t_from_log_snr(process.log_snr(t)), t, rtol=1e-11, atol=1e-13
+    )
+    t32 = jnp.asarray(t, jnp.float32)
+    back = process.t_from_log_snr(process.log_snr(t32))
+    assert back.dtype == jnp.float32 and np.all(np.isfinite(back))
+    np.testing.assert_allclose(back, t, rtol=1e-4, atol=1e-6)
+
+
+@parametrize_table
+def test_discrete_g2_consistent_away_from_the_kinks(process):
+    # At the middle of each segment (no kink), by central finite differences of alpha and sigma:
+    # g^2 = d sigma^2/dt - 2 f sigma^2 and f = d log alpha/dt; also g^2 = -2 f (VP: alpha^2 + sigma^2 = 1).
+    n = process.n_steps
+    t = (np.arange(n) + 0.5) / n
+    h = 1e-3 / n
+    dsig2 = (process.sigma(t + h) ** 2 - process.sigma(t - h) ** 2) / (2 * h)
+    dlog_alpha = (jnp.log(process.alpha(t + h)) - jnp.log(process.alpha(t - h))) / (2 * h)
+    f, g2 = process.f(t), process.g2(t)
+    np.testing.assert_allclose(f, dlog_alpha, rtol=1e-7)
+    np.testing.assert_allclose(g2, dsig2 - 2 * f * process.sigma(t) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(g2, -2 * f, rtol=1e-14)
+    # f is the segment's slope: N (log alpha_{n} - log alpha_{n-1}) = (N/2) log(1 - beta_n).
+    np.testing.assert_allclose(f, 0.5 * n * np.log1p(-np.asarray(process.betas)), rtol=1e-9)
+
+
+def test_discrete_scaled_linear_and_cosine_tables_are_their_formulas():
+    b = np.asarray(DiscreteVP.scaled_linear(n=10, beta_start=0.001, beta_end=0.04).betas)
+    ref = [(0.001**0.5 + i / 9 * (0.04**0.5 - 0.001**0.5)) ** 2 for i in range(10)]
+    np.testing.assert_allclose(b, ref, rtol=1e-14)
+
+    def abar(u, s=0.008):
+        return np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+
+    b = np.asarray(DiscreteVP.cosine(n=50).betas)
+    ref = [min(1 - abar((i + 1) / 50) / abar(i / 50), 0.999) for i in range(50)]
+    np.testing.assert_allclose(b, ref, rtol=1e-14)
+    assert b[-1] == 0.999  # the cap binds at the last step
+    b = np.asarray(DiscreteVP.linear(n=5, beta_start=0.1, beta_end=0.5).betas)
+    np.testing.assert_allclose(b, [0.1, 0.2, 0.3, 0.4, 0.5], rtol=1e-14)
+
+
+def test_discrete_timestep_is_the_table_index():
+    p = DiscreteVP.linear()
+    n = np.arange(1000)
+    np.testing.assert_allclose(p.timestep((n + 1) / 1000), n, atol=1e-9)
+    np.testing.assert_allclose(p.timestep(1.0), 999.0)
+    np.testing.assert_allclose(p.timestep(0.0005), -0.5)
+
+
+def test_discrete_equal_tables_compare_and_hash_equal_and_never_recompile():
+    a, b = DiscreteVP.linear(), DiscreteVP.linear()
+    assert bool(a == b) and hash(a) == hash(b)
+    assert not bool(a == DiscreteVP.scaled_linear()) and hash(a) != hash(DiscreteVP.cosine())
+    assert isinstance(jaxdiff.DiscreteVP.linear(), jaxdiff.processes.DiscreteVP)
+    traces = []
+
+    @eqx.filter_jit
+    def alpha(process, t):
+        traces.append(None)
+        return process.alpha(t)
+
+    for p in (a, b, DiscreteVP.cosine()):  # an array leaf: a new table of equal length is traced
+        np.testing.assert_allclose(alpha(p, 0.5), p.alpha(0.5), rtol=1e-14)
+    assert len(traces) == 1
+    # and it passes through jax.jit as an argument
+    np.testing.assert_allclose(jax.jit(lambda p, t: p.sigma(t))(a, 0.3), a.sigma(0.3), rtol=1e-14)
