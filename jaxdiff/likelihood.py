@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import as_time, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.sde import _check_ode_solver, _controller, _pf_velocity
+from jaxdiff.sde import check_ode_solver, default_stepsize_controller, probability_flow_velocity
 
 __all__ = ["log_likelihood", "bits_per_dim", "divergence", "sample_probes", "dequantize"]
 
@@ -112,7 +112,7 @@ class _AugmentedFlow(eqx.Module):
 
     def __call__(self, t, state, args):
         x, _ = state
-        v = lambda y: _pf_velocity(self.process, self.denoise, y, t)
+        v = lambda y: probability_flow_velocity(self.process, self.denoise, y, t)
         dx, div = divergence(v, x, self.probes)
         return dx, div.astype(x.dtype)
 
@@ -196,14 +196,14 @@ def log_likelihood(
     process.check_t(t_max, name="t_max")
     if is_concrete(t_min, t_max) and float(t_min) >= float(t_max):
         raise ValueError(f"t_min must be below t_max; got {float(t_min):g} >= {float(t_max):g}.")
-    _check_ode_solver(solver)
+    check_ode_solver(solver)
     probes = None
     if not _use_exact(exact_divergence, math.prod(x0.shape[1:])):
         if key is None:
             raise ValueError("Hutchinson's estimator needs key=jax.random.key(seed).")
         probes = sample_probes(key, x0, n_probes, probe)
     rtol, atol = _array(rtol, x0), _array(atol, x0)
-    controller = _controller(solver, stepsize_controller, dt0, rtol, atol)
+    controller = default_stepsize_controller(solver, stepsize_controller, dt0, rtol, atol)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_AugmentedFlow(process, denoise, probes)),
         solver,

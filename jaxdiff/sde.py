@@ -23,8 +23,21 @@ solvers for additive noise (SRA1, ShARK, SEA, ...) give wrong answers when asked
 backward in time (diffrax issue 598); forward in :math:`s` every accepted solver is right. The
 noise is additive (:math:`g` depends on :math:`t` only), so the Itô and Stratonovich solutions
 coincide and Itô solvers (Euler) and Stratonovich solvers (Heun, EulerHeun, SRKs) agree.
-
 ODEs are solved directly in :math:`t` (diffrax's ODE solvers take a negative step).
+
+**The Brownian motion** of :func:`solve_sde` comes from a factory, :func:`unsafe_path` (fixed
+steps, fastest) or :func:`virtual_tree` (any steps, reverse-mode gradients), or is a
+``diffrax.AbstractBrownianPath`` of your own over :math:`s`.
+
+**dtypes.** The state ``x`` may be float64, float32, bfloat16 or float16; the solve runs in at
+least float32 (times, coefficients, the state and the denoiser's input; diffrax's step-size
+control is hopeless in 8 mantissa bits) and the saved states come back in ``x``'s dtype. An
+integer, boolean or complex ``x`` is a ``TypeError``.
+
+**Non-finite input.** A NaN or inf in one example would stall the step-size control of the whole
+batch. Called eagerly, :func:`solve_ode` and :func:`solve_sde` raise a ``ValueError`` naming the
+non-finite rows; under ``jax.jit`` (where the values are unknown) those rows are solved as zeros
+and come back NaN, and the other rows are solved as usual (:func:`solver_input`).
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxdiff
@@ -42,7 +55,9 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -58,12 +73,22 @@ from jaxdiff.processes import Process
 
 __all__ = [
     "probability_flow",
+    "probability_flow_velocity",
     "reverse_sde",
     "solve_ode",
     "solve_sde",
     "ode_sample",
     "sde_sample",
     "SDE_SOLVERS",
+    "BrownianFactory",
+    "UnsafePath",
+    "VirtualTree",
+    "unsafe_path",
+    "virtual_tree",
+    "InputGuard",
+    "solver_input",
+    "check_ode_solver",
+    "default_stepsize_controller",
 ]
 
 #: Solver families :func:`solve_sde` accepts (instances of these classes).
@@ -87,17 +112,26 @@ _SDE_NAMES = (
 # --------------------------------------------------------------------------------------------
 
 
-def _score(process: Process, denoise: Callable, x, t):
-    r"""Tweedie: :math:`(\alpha_t\hat x_0 - x)/\sigma_t^2`."""
-    return (bcast(process.alpha(t), x) * denoise(x, t) - x) / bcast(process.sigma(t), x) ** 2
-
-
-def _pf_velocity(process: Process, denoise: Callable, x, t):
-    r"""Probability-flow velocity :math:`f x - \tfrac12 g^2\nabla\log p_t(x)`."""
+def _drift(process: Process, denoise: Callable, x, t, weight):
+    r""":math:`f(t)x - w\,g(t)^2\nabla\log p_t(x)`: ``w = 1/2`` the probability flow, ``1`` the
+    reverse SDE's drift (the score by Tweedie's formula from the denoiser)."""
     t = as_time(t, x)
-    score = _score(process, denoise, x, t)
-    v = bcast(process.f(t), x) * x - 0.5 * bcast(process.g2(t), x) * score
-    return v.astype(x.dtype)
+    score = process.score_from_x0(x, denoise(x, t), t)
+    return (process.drift(x, t) - weight * bcast(process.g2(t), x) * score).astype(x.dtype)
+
+
+def probability_flow_velocity(process: Process, denoise: Callable, x, t):
+    r"""The probability-flow velocity at a batch ``x`` and a time ``t`` (scalar or ``(batch,)``).
+
+    .. math:: v(x, t) = f(t)\,x - \tfrac12 g(t)^2\,\frac{\alpha_t\hat x_0(x, t) - x}{\sigma_t^2}
+
+    (Song et al. 2021, Eq. 13): the vector field of :func:`probability_flow`, shared with
+    :mod:`jaxdiff.likelihood`, which takes its divergence.
+
+    Example:
+        >>> v = probability_flow_velocity(vp, denoise, x_T, vp.t_max)      # doctest: +SKIP
+    """
+    return _drift(process, denoise, x, t, 0.5)
 
 
 class _ProbabilityFlow(eqx.Module):
@@ -105,21 +139,18 @@ class _ProbabilityFlow(eqx.Module):
     denoise: Callable
 
     def __call__(self, t, x, args):
-        return _pf_velocity(self.process, self.denoise, x, t)
+        return probability_flow_velocity(self.process, self.denoise, x, t)
 
 
 class _ReverseDrift(eqx.Module):
-    """Drift of the reverse SDE in :math:`s = t_0 - s`: :math:`-[f x - g^2\\,score](t_0 - s)`."""
+    """Drift of the reverse SDE in :math:`s = t_0 - t`: :math:`-[f x - g^2\\,score](t_0 - s)`."""
 
     process: Process
     denoise: Callable
     t0: Any
 
     def __call__(self, s, x, args):
-        t = as_time(self.t0 - s, x)
-        score = _score(self.process, self.denoise, x, t)
-        drift = bcast(self.process.f(t), x) * x - bcast(self.process.g2(t), x) * score
-        return (-drift).astype(x.dtype)
+        return -_drift(self.process, self.denoise, x, self.t0 - s, 1.0)
 
 
 class _ReverseDiffusion(eqx.Module):
@@ -129,8 +160,7 @@ class _ReverseDiffusion(eqx.Module):
     t0: Any
 
     def __call__(self, s, x, args):
-        t = as_time(self.t0 - s, x)
-        g = jnp.sqrt(jnp.maximum(self.process.g2(t), 0.0)).astype(x.dtype)
+        g = self.process.diffusion(as_time(self.t0 - s, x)).astype(x.dtype)
         return lx.DiagonalLinearOperator(jnp.broadcast_to(g, jnp.shape(x)))
 
 
@@ -179,6 +209,102 @@ def reverse_sde(process: Process, denoise: Callable, brownian, *, t0=None) -> df
 
 
 # --------------------------------------------------------------------------------------------
+# The state: dtype and non-finite rows
+# --------------------------------------------------------------------------------------------
+
+
+class InputGuard(eqx.Module):
+    """What a solve owes its caller's input: its dtype, and NaN in the rows that were not finite.
+
+    ``finite`` is ``None`` when every row is known to be finite (checked eagerly), else a
+    ``(batch,)`` boolean mask (under tracing).
+    """
+
+    finite: jax.Array | None
+    dtype: Any = eqx.field(static=True)
+
+    def mask(self, y):
+        """``y`` (batched like the input) with NaN in the rows whose input was not finite."""
+        return y if self.finite is None else jnp.where(bcast(self.finite, y), y, jnp.nan)
+
+    def restore(self, y):
+        """A solver state back as the caller gave it: :meth:`mask`, in the input's dtype."""
+        return self.mask(y).astype(self.dtype)
+
+
+def _row_finite(x):
+    """``(batch,)``: whether every entry of each example is finite (a scalar for a scalar ``x``)."""
+    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+
+
+def solver_input(x, name: str = "x_T") -> tuple[jax.Array, InputGuard]:
+    r"""``x`` as the state of a diffrax solve, and the :class:`InputGuard` that restores outputs.
+
+    - An integer, boolean or complex ``x`` is a ``TypeError`` naming ``name`` and the dtype.
+    - The state is in at least float32: bfloat16 and float16 are promoted (an adaptive step-size
+      control cannot work in their precision); ``guard.restore`` casts results back.
+    - Non-finite rows (NaN or inf anywhere in an example): eagerly a ``ValueError`` naming them;
+      under tracing they are replaced by zeros, so that they cannot stall the step-size control of
+      the other rows, and ``guard.restore`` puts NaN back in them.
+
+    Example:
+        >>> x, guard = solver_input(x_T.astype(jnp.bfloat16))                # doctest: +SKIP
+        >>> x.dtype, guard.restore(x).dtype                                 # doctest: +SKIP
+        (dtype('float32'), dtype(bfloat16))
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a real floating-point array (float32, float64, bfloat16 or float16); "
+            f"got {name}.dtype={x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."
+        )
+    guard = InputGuard(None, x.dtype)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    finite = _row_finite(x)
+    if is_concrete(finite):
+        bad = np.flatnonzero(~np.asarray(finite))
+        if bad.size:
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+            raise ValueError(
+                f"{name} is not finite (NaN or inf) in {bad.size} row(s): [{shown}]. A diffrax solve "
+                "cannot step through them (its step-size control would stall the whole batch); "
+                "drop or fix those rows. Under jax.jit they come back NaN and the other rows are "
+                "solved as usual."
+            )
+        return x, guard
+    return jnp.where(bcast(finite, x), x, 0), InputGuard(finite, guard.dtype)
+
+
+class _SaveFn(eqx.Module):
+    """A ``SaveAt`` function given the caller's time and state: ``t = t0 - s`` when the solver
+    runs in ``s`` (``t0`` set), and the state restored by the input's guard."""
+
+    fn: Callable
+    guard: InputGuard
+    t0: Any = None
+
+    def __call__(self, t, y, args):
+        t = t if self.t0 is None else self.t0 - t
+        return self.fn(t, self.guard.restore(y), args)
+
+
+def _saveat(saveat, guard: InputGuard, t0=None):
+    """The caller's ``SaveAt`` for the solver: saves the restored state; with ``t0`` (the solver
+    runs in ``s = t0 - t``) save times ``ts`` in ``t`` become ``t0 - ts``."""
+    saveat = dfx.SaveAt(t1=True) if saveat is None else saveat
+    if saveat.subs is None:
+        return saveat
+
+    def sub(s):
+        ts = s.ts if t0 is None or s.ts is None else jnp.asarray(t0) - jnp.asarray(s.ts)
+        fn = _SaveFn(s.fn, guard, t0)
+        return dfx.SubSaveAt(t0=s.t0, t1=s.t1, ts=ts, steps=s.steps, fn=fn)
+
+    subs = jax.tree.map(sub, saveat.subs, is_leaf=lambda s: isinstance(s, dfx.SubSaveAt))
+    return eqx.tree_at(lambda s: s.subs, saveat, subs)
+
+
+# --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
 
@@ -207,7 +333,12 @@ def _is_single_term_solver(solver) -> bool:
     return isinstance(ts, type) and issubclass(ts, dfx.AbstractTerm)
 
 
-def _check_ode_solver(solver):
+def check_ode_solver(solver) -> None:
+    """Raise a ``TypeError`` unless ``solver`` is a diffrax solver of a single ODE term.
+
+    Every such solver is right in both directions of time (a negative ``dt0``), so the
+    probability-flow ODE is solved in ``t`` directly; SDE solvers (several terms) are refused.
+    """
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(f"solver must be a diffrax solver, e.g. diffrax.Tsit5(); got {solver!r}.")
     if not _is_single_term_solver(solver):
@@ -250,8 +381,9 @@ def _levy_area(solver, levy_area=None):
     raise TypeError(f"{type(solver).__name__} needs a Levy area diffrax cannot simulate: {need}.")
 
 
-def _controller(solver, stepsize_controller, dt0, rtol=1e-5, atol=1e-5):
-    """Default step-size control: PID for adaptive solvers, fixed ``dt0`` otherwise."""
+def default_stepsize_controller(solver, stepsize_controller=None, dt0=None, rtol=1e-5, atol=1e-5):
+    """The step-size controller a solve uses: the one given, else ``PIDController(rtol, atol)``
+    for an adaptive solver without ``dt0``, else ``ConstantStepSize`` (which needs ``dt0``)."""
     if stepsize_controller is not None:
         return stepsize_controller
     if isinstance(solver, dfx.AbstractAdaptiveSolver) and dt0 is None:
@@ -291,6 +423,12 @@ def _max_steps(max_steps, controller, dt0, span, default=4096):
     return default
 
 
+def _denoise_final(process: Process, denoise: Callable, x, t1):
+    r""":math:`\hat x_0 = D(x_{t_1}, t_1)` in ``x``'s dtype, ``t_1`` in at least float32."""
+    t1 = process.t_min if t1 is None else t1
+    return denoise(x, as_time(t1, jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # ODE
 # --------------------------------------------------------------------------------------------
@@ -319,12 +457,17 @@ def solve_ode(
 
     Args:
         process, denoise: the forward process and ``denoise(x, t) -> x0_hat``.
-        x_T: the state at ``t0``, shape ``(batch, ...)``.
+        x_T: the state at ``t0``, shape ``(batch, ...)``, a floating dtype. bfloat16 and float16
+            are solved in float32 (the denoiser sees float32) and the saved states come back in
+            ``x_T``'s dtype; rows with NaN or inf are a ``ValueError`` (eagerly) or come back
+            NaN without disturbing the other rows (under ``jax.jit``); see the module docstring.
         t0, t1: start and end times in ``[t_min, t_max]`` (defaults ``t_max`` and ``t_min``).
         solver: any diffrax ODE solver (default ``Tsit5``).
         stepsize_controller: default ``PIDController(rtol=1e-5, atol=1e-5)`` for adaptive
             solvers and ``ConstantStepSize`` (with ``dt0``) for the others.
         saveat: ``diffrax.SaveAt`` (default: the final state, ``ys`` of shape ``(1, batch, ...)``).
+            Its ``fn`` receives the state in ``x_T``'s dtype. A dense interpolation
+            (``dense=True``) is of the solver's own state (at least float32).
         dt0: initial (adaptive) or fixed step size; its magnitude is used, the sign follows
             the direction of integration.
         max_steps: default: exactly enough for a fixed step, 4096 for adaptive steps. diffrax
@@ -339,10 +482,10 @@ def solve_ode(
         >>> sol.ys.shape  # (5, batch, d)                                  # doctest: +SKIP
     """
     t0, t1 = _times(process, t0, t1, stepsize_controller, sde=False)
-    _check_ode_solver(solver)
-    x_T = jnp.asarray(x_T)
-    controller = _cast_step_to(_controller(solver, stepsize_controller, dt0), x_T)
-    t0, t1 = as_time(t0, x_T), as_time(t1, x_T)  # times in the state's dtype: f32 stays f32
+    check_ode_solver(solver)
+    x, guard = solver_input(x_T, "x_T")
+    controller = _cast_step_to(default_stepsize_controller(solver, stepsize_controller, dt0), x)
+    t0, t1 = as_time(t0, x), as_time(t1, x)  # times in the state's dtype: f32 stays f32
     dt0 = _signed_dt0(dt0, t0, t1)
     return dfx.diffeqsolve(
         probability_flow(process, denoise),
@@ -350,8 +493,8 @@ def solve_ode(
         t0,
         t1,
         dt0,
-        x_T,
-        saveat=dfx.SaveAt(t1=True) if saveat is None else saveat,
+        x,
+        saveat=_saveat(saveat, guard),
         stepsize_controller=controller,
         max_steps=_max_steps(max_steps, controller, dt0, t1 - t0),
         **kwargs,
@@ -370,8 +513,113 @@ def ode_sample(process: Process, denoise: Callable, x_T, *, denoise_final=True, 
     if "saveat" in kwargs:
         raise ValueError("ode_sample returns the final state; use solve_ode for saveat.")
     x = solve_ode(process, denoise, x_T, **kwargs).ys[-1]
-    t1 = process.t_min if kwargs.get("t1") is None else kwargs["t1"]
-    return denoise(x, as_time(t1, x)) if denoise_final else x
+    return _denoise_final(process, denoise, x, kwargs.get("t1")) if denoise_final else x
+
+
+# --------------------------------------------------------------------------------------------
+# Brownian paths
+# --------------------------------------------------------------------------------------------
+
+
+class BrownianFactory(eqx.Module):
+    """How :func:`solve_sde` draws its Brownian motion: builds a diffrax path for one solve.
+
+    Called as ``factory(t0, t1, shape, *, key, levy_area, step)`` with the solver-time interval
+    ``[t0, t1]`` (the reverse SDE runs in ``s``, ``t0 = 0``), the state's
+    ``jax.ShapeDtypeStruct``, a PRNG key, the increment type the solver needs and ``step``, the
+    finest resolution the solve asks for (its fixed step, or a sixteenth of the first step of an
+    adaptive solve). Concrete factories: :class:`UnsafePath`, :class:`VirtualTree`.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, t0, t1, shape, *, key, levy_area, step) -> dfx.AbstractBrownianPath:
+        """The Brownian path of one solve."""
+
+
+class UnsafePath(BrownianFactory):
+    """``diffrax.UnsafeBrownianPath``: fresh increments per step; the fastest, for fixed steps
+    only (not adaptive ones), and without reverse-mode gradients (solved with ``ForwardMode``)."""
+
+    def __call__(self, t0, t1, shape, *, key, levy_area, step):
+        return dfx.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
+
+
+class VirtualTree(BrownianFactory):
+    """``diffrax.VirtualBrownianTree`` to tolerance ``tol``: any interval can be queried (adaptive
+    steps, reverse-mode gradients) at some cost (tens of times slower than :class:`UnsafePath` on
+    CPU). Default ``tol``: a sixteenth of the solve's ``step``, so increments are exact."""
+
+    tol: Any = None
+
+    def __call__(self, t0, t1, shape, *, key, levy_area, step):
+        tol = step / 16 if self.tol is None else self.tol
+        return dfx.VirtualBrownianTree(t0, t1, tol=tol, shape=shape, key=key, levy_area=levy_area)
+
+
+def unsafe_path() -> UnsafePath:
+    """The fast Brownian motion of fixed-step solves (:class:`UnsafePath`); the default.
+
+    Example:
+        >>> solve_sde(vp, denoise, x_T, key=key, brownian=unsafe_path(), dt0=1e-3)  # doctest: +SKIP
+    """
+    return UnsafePath()
+
+
+def virtual_tree(tol=None) -> VirtualTree:
+    """A queryable Brownian motion (:class:`VirtualTree`) for adaptive steps and gradients.
+
+    Example:
+        >>> solve_sde(vp, denoise, x_T, key=key, solver=diffrax.Heun(), brownian=virtual_tree(),
+        ...           stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))  # doctest: +SKIP
+    """
+    return VirtualTree(tol)
+
+
+_BROWNIAN_ALIASES = {"unsafe": unsafe_path, "virtual": virtual_tree}
+
+
+def _brownian_factory(brownian, tol):
+    """A deprecated string (``'unsafe'``, ``'virtual'``) and ``brownian_tol`` as a factory."""
+    if tol is not None:
+        warnings.warn(
+            "brownian_tol is deprecated: pass brownian=jaxdiff.sde.virtual_tree(tol=...).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if isinstance(brownian, str):
+        if brownian not in _BROWNIAN_ALIASES:
+            raise ValueError(
+                "brownian must be 'unsafe' or 'virtual' if a string (deprecated aliases of "
+                "jaxdiff.sde.unsafe_path() and virtual_tree()), a BrownianFactory such as "
+                "virtual_tree(tol=1e-4), or a diffrax.AbstractBrownianPath over s in "
+                f"[0, t0 - t1]; got {brownian!r}."
+            )
+        warnings.warn(
+            f"brownian={brownian!r} is deprecated: pass brownian=jaxdiff.sde.{brownian}_"
+            f"{'path' if brownian == 'unsafe' else 'tree'}().",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        brownian = _BROWNIAN_ALIASES[brownian]()
+    if tol is not None and isinstance(brownian, VirtualTree) and brownian.tol is None:
+        brownian = VirtualTree(tol)
+    return brownian
+
+
+def _brownian(brownian, solver, shape, key, span, step, levy_area):
+    """The diffrax path of one solve: the caller's own path, or one built by the factory."""
+    if isinstance(brownian, dfx.AbstractBrownianPath):  # the caller's own path, in s
+        _levy_area(solver, brownian.levy_area)
+        return brownian
+    if not isinstance(brownian, BrownianFactory):
+        raise TypeError(
+            "brownian must be a BrownianFactory (jaxdiff.sde.unsafe_path(), virtual_tree()) or a "
+            f"diffrax.AbstractBrownianPath; got {brownian!r}."
+        )
+    if key is None:
+        raise ValueError("solve_sde draws a Brownian motion: pass key=jax.random.key(seed).")
+    levy = _levy_area(solver, levy_area)
+    return brownian(0.0, span, shape, key=key, levy_area=levy, step=step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,20 +627,10 @@ def ode_sample(process: Process, denoise: Callable, x_T, *, denoise_final=True, 
 # --------------------------------------------------------------------------------------------
 
 
-class _SaveInT(eqx.Module):
-    """A ``SaveAt(fn=...)`` function called with ``t = t0 - s`` instead of ``s``."""
-
-    fn: Callable
-    t0: Any
-
-    def __call__(self, s, y, args):
-        return self.fn(self.t0 - s, y, args)
-
-
-def _saveat_in_s(saveat, t0, t1):
-    """Rewrite a ``SaveAt`` given in ``t`` into the solver time ``s = t0 - t``."""
+def _check_saveat_in_t(saveat, t0, t1):
+    """The ``SaveAt``s :func:`solve_sde` can rewrite in ``s``: flat, not dense, ts in [t1, t0]."""
     if saveat is None:
-        return dfx.SaveAt(t1=True)
+        return
     sub = saveat.subs
     if saveat.dense or not isinstance(sub, dfx.SubSaveAt):
         raise ValueError(
@@ -400,27 +638,14 @@ def _saveat_in_s(saveat, t0, t1):
             "dense=True or nested SubSaveAts (the solver runs in s = t0 - t, so a dense "
             "interpolation would be in s). Save the times you need with SaveAt(ts=...)."
         )
-    ts = sub.ts
-    if ts is not None:
-        if is_concrete(ts):
-            a = np.asarray(ts, np.float64)
-            lo, hi = float(t1), float(t0)
-            if np.any(np.diff(a) > 0) or a.min() < lo - 1e-9 * hi or a.max() > hi * (1 + 1e-9):
-                raise ValueError(
-                    f"SaveAt(ts=...) must be non-increasing times in [t1, t0] = [{lo:g}, {hi:g}] "
-                    f"(the reverse SDE runs from t0 down to t1); got {a}."
-                )
-        ts = jnp.asarray(t0) - jnp.asarray(ts)
-    return dfx.SaveAt(
-        t0=sub.t0,
-        t1=sub.t1,
-        ts=ts,
-        steps=sub.steps,
-        fn=_SaveInT(sub.fn, t0),
-        solver_state=saveat.solver_state,
-        controller_state=saveat.controller_state,
-        made_jump=saveat.made_jump,
-    )
+    if sub.ts is not None and is_concrete(sub.ts):
+        a = np.asarray(sub.ts, np.float64)
+        lo, hi = float(t1), float(t0)
+        if np.any(np.diff(a) > 0) or a.min() < lo - 1e-9 * hi or a.max() > hi * (1 + 1e-9):
+            raise ValueError(
+                f"SaveAt(ts=...) must be non-increasing times in [t1, t0] = [{lo:g}, {hi:g}] "
+                f"(the reverse SDE runs from t0 down to t1); got {a}."
+            )
 
 
 def _controller_in_s(controller, t0):
@@ -435,26 +660,6 @@ def _controller_in_s(controller, t0):
             jump_ts=flip(controller.jump_ts),
         )
     return controller
-
-
-def _brownian(kind, solver, shape, key, span, dt0, tol, levy_area, controller):
-    if isinstance(kind, dfx.AbstractBrownianPath):  # the caller's own path, in s
-        _levy_area(solver, kind.levy_area)
-        return kind
-    levy = _levy_area(solver, levy_area)
-    if kind == "unsafe":
-        return dfx.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy)
-    if kind == "virtual":
-        if tol is None:  # well below the smallest step, so that increments are exact
-            step = jnp.abs(dt0) if dt0 is not None else jnp.min(jnp.diff(controller.ts))
-            adaptive = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
-            tol = step / (256 if adaptive else 16)
-        return dfx.VirtualBrownianTree(0.0, span, tol=tol, shape=shape, key=key, levy_area=levy)
-    raise ValueError(
-        f"brownian must be 'unsafe' (UnsafeBrownianPath: fixed steps, fastest) or 'virtual' "
-        f"(VirtualBrownianTree: adaptive steps, reverse-mode gradients) or a "
-        f"diffrax.AbstractBrownianPath over s in [0, t0 - t1]; got {kind!r}."
-    )
 
 
 def _solution_in_t(sol: dfx.Solution, t0) -> dfx.Solution:
@@ -478,7 +683,7 @@ def solve_sde(
     dt0=None,
     stepsize_controller=None,
     saveat=None,
-    brownian="unsafe",
+    brownian=UnsafePath(),
     brownian_tol=None,
     levy_area=None,
     adjoint=None,
@@ -498,25 +703,29 @@ def solve_sde(
 
     Args:
         process, denoise: the forward process and ``denoise(x, t) -> x0_hat``.
-        x_T: the state at ``t0``, shape ``(batch, ...)``.
+        x_T: the state at ``t0``, shape ``(batch, ...)``; dtypes and non-finite rows as in
+            :func:`solve_ode` (bfloat16/float16 solved in float32, NaN rows refused eagerly).
         key: PRNG key of the Brownian motion (required unless ``brownian`` is a path).
         t0, t1: ``t_max`` and ``t_min`` by default; ``t0 > t1``.
         solver: default ``Euler()`` (Euler--Maruyama); any of :data:`SDE_SOLVERS`.
         dt0: fixed step size, default ``(t0 - t1) / 1000``; for adaptive controllers the first step.
         stepsize_controller: default ``ConstantStepSize``; ``StepTo(ts)`` with a decreasing grid
             in ``t`` (e.g. from :mod:`jaxdiff.schedules`, without the final 0); an adaptive
-            controller needs ``brownian="virtual"``.
+            controller needs ``brownian=virtual_tree()``.
         saveat: ``SaveAt`` in ``t`` (default the final state: ``ys`` of shape ``(1, batch, ...)``).
-        brownian: ``"unsafe"`` (``UnsafeBrownianPath``, fast, fixed steps only, no reverse-mode
-            gradients) or ``"virtual"`` (``VirtualBrownianTree``, tolerance ``brownian_tol``,
-            default a sixteenth of ``dt0`` or of the smallest ``StepTo`` step, and ``dt0 / 256``
-            with adaptive steps), or your own ``diffrax.AbstractBrownianPath`` over the solver
-            time ``s`` in ``[0, t0 - t1]`` (then ``key``, ``brownian_tol`` and ``levy_area`` are
-            unused).
+        brownian: a :class:`BrownianFactory`: :func:`unsafe_path` (default; fixed steps only, no
+            reverse-mode gradients) or :func:`virtual_tree` (any steps; default tolerance a
+            sixteenth of ``dt0`` or of the smallest ``StepTo`` step, ``dt0 / 256`` with adaptive
+            steps); or your own ``diffrax.AbstractBrownianPath`` over the solver time ``s`` in
+            ``[0, t0 - t1]`` (then ``key`` and ``levy_area`` are unused). The strings
+            ``"unsafe"`` and ``"virtual"`` are deprecated aliases of the two factories.
+        brownian_tol: deprecated; use ``virtual_tree(tol=...)``.
         levy_area: the Brownian path's increment type (default: the least the solver needs).
-            The path depends on it, so give two solvers the same ``key``, ``brownian="virtual"``
-            and ``levy_area=diffrax.SpaceTimeLevyArea`` to solve on the same Brownian path.
-        adjoint: default ``ForwardMode()`` for ``"unsafe"`` and diffrax's default otherwise.
+            The path depends on it, so give two solvers the same ``key``,
+            ``brownian=virtual_tree()`` and ``levy_area=diffrax.SpaceTimeLevyArea`` to solve on
+            the same Brownian path.
+        adjoint: default ``ForwardMode()`` for an ``UnsafeBrownianPath`` and diffrax's default
+            otherwise.
         max_steps: default: exactly enough for fixed steps, else 16384.
         **kwargs: passed to ``diffrax.diffeqsolve``.
 
@@ -526,37 +735,37 @@ def solve_sde(
     """
     t0, t1 = _times(process, t0, t1, stepsize_controller, sde=True)
     _check_sde_solver(solver)
-    x_T = jnp.asarray(x_T)
-    t0 = as_time(t0, x_T)  # times in the state's dtype: float32 stays float32
+    _check_saveat_in_t(saveat, t0, t1)
+    brownian = _brownian_factory(brownian, brownian_tol)
+    x, guard = solver_input(x_T, "x_T")
+    t0 = as_time(t0, x)  # times in the state's dtype: float32 stays float32
     controller = dfx.ConstantStepSize() if stepsize_controller is None else stepsize_controller
-    controller = _controller_in_s(_cast_step_to(controller, x_T), t0)
-    span = controller.ts[-1] if isinstance(controller, dfx.StepTo) else t0 - as_time(t1, x_T)
+    controller = _controller_in_s(_cast_step_to(controller, x), t0)
+    span = controller.ts[-1] if isinstance(controller, dfx.StepTo) else t0 - as_time(t1, x)
     if isinstance(controller, dfx.StepTo):
-        dt0 = None
-    elif dt0 is None:
-        dt0 = span / 1000
-    adaptive = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
-    if adaptive and isinstance(brownian, str) and brownian == "unsafe":
+        dt0, step = None, jnp.min(jnp.diff(controller.ts))
+    else:
+        dt0 = jnp.abs(as_time(span / 1000 if dt0 is None else dt0, x))
+        adaptive = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
+        step = dt0 / 16 if adaptive else dt0
+    shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    bm = _brownian(brownian, solver, shape, key, span, step, levy_area)
+    unsafe = isinstance(bm, dfx.UnsafeBrownianPath)
+    if unsafe and isinstance(controller, dfx.AbstractAdaptiveStepSizeController):
         raise ValueError(
-            "Adaptive step sizes need a Brownian path that can be queried on any interval: "
-            "pass brownian='virtual' (VirtualBrownianTree), or use fixed steps."
+            "Adaptive step sizes need a Brownian path that can be queried on any interval: pass "
+            "brownian=jaxdiff.sde.virtual_tree() (formerly brownian='virtual'), or use fixed steps."
         )
-    if key is None and isinstance(brownian, str):
-        raise ValueError("solve_sde draws a Brownian motion: pass key=jax.random.key(seed).")
-    shape = jax.ShapeDtypeStruct(x_T.shape, x_T.dtype)
-    bm = _brownian(brownian, solver, shape, key, span, dt0, brownian_tol, levy_area, controller)
     if adjoint is None:
-        unsafe = isinstance(bm, dfx.UnsafeBrownianPath)
         adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
-    dt0 = None if dt0 is None else jnp.abs(as_time(dt0, x_T))
     sol = dfx.diffeqsolve(
         reverse_sde(process, denoise, bm, t0=t0),
         solver,
         0.0,
         span,
         dt0,
-        x_T,
-        saveat=_saveat_in_s(saveat, t0, t1),
+        x,
+        saveat=_saveat(saveat, guard, t0),
         stepsize_controller=controller,
         adjoint=adjoint,
         max_steps=_max_steps(max_steps, controller, dt0, span, default=16384),
@@ -577,5 +786,4 @@ def sde_sample(process: Process, denoise: Callable, x_T, *, key, denoise_final=T
     if "saveat" in kwargs:
         raise ValueError("sde_sample returns the final state; use solve_sde for saveat.")
     x = solve_sde(process, denoise, x_T, key=key, **kwargs).ys[-1]
-    t1 = process.t_min if kwargs.get("t1") is None else kwargs["t1"]
-    return denoise(x, as_time(t1, x)) if denoise_final else x
+    return _denoise_final(process, denoise, x, kwargs.get("t1")) if denoise_final else x
