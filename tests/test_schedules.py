@@ -1,13 +1,21 @@
 """Time grids: n + 1 decreasing times from t_max to t_min then 0, each spaced by its rule
-(uniform in t, polynomial in t, uniform in log-SNR, Karras et al. 2022 Eq. 5 in the noise level)."""
+(uniform in t, polynomial in t, uniform in log-SNR, Karras et al. 2022 Eq. 5 in the noise level);
+the interface of the fitted grids (GITS's step costs and program, optimize). Their accuracy
+against hand-made grids is checked in tests/test_geometry.py."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import schedules
+import jaxdiff
+from jaxdiff import fitted_grids, samplers, schedules
+from jaxdiff.analytic import Gaussian
 from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
 from jaxdiff.samplers import check_grid
+from jaxdiff.schedules import karras
 
 PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
 IDS = [type(p).__name__ for p in PROCESSES]
@@ -34,6 +42,22 @@ def test_grid_shape_ends_and_order(process, name, n):
     assert np.all(np.diff(ts) < 0), ts
     assert np.all(ts[:-1] >= process.t_min) and np.all(ts[:-1] <= process.t_max)
     check_grid(ts, process)  # the engine accepts every grid (raises otherwise)
+
+
+@contextlib.contextmanager
+def compilations():
+    """The names of the functions XLA compiles inside the block (jax.monitoring)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def k_diffusion_karras(n, sigma_min, sigma_max, rho=7.0):
@@ -97,3 +121,85 @@ def test_bad_rho_and_power_raise():
         schedules.karras(EDM(), 10, rho=0.0)
     with pytest.raises(ValueError, match="power must be positive"):
         schedules.polynomial(VP(), 10, -1.0)
+
+
+# --- fitted grids (jaxdiff.fitted_grids, reachable from jaxdiff.schedules) ----------------------
+GAUSS = Gaussian(jnp.full((4,), 0.5), 0.3**2 * jnp.eye(4))
+WARM = EDM().prior_sample((16, 4), key=jax.random.key(0), dtype=jnp.float64)
+
+
+@pytest.fixture(scope="module")
+def edm_costs():
+    return fitted_grids.step_costs(EDM(), GAUSS.denoiser(EDM()), WARM, fine_steps=20)
+
+
+def test_fitted_grids_are_reachable_from_schedules():
+    for name in ("gits", "optimize", "fine_trajectory", "step_costs", "propagated_error"):
+        assert getattr(schedules, name) is getattr(fitted_grids, name)
+    assert schedules._propagation_weights is fitted_grids.propagation_weights  # earlier name
+    assert {"gits", "optimize", "fine_trajectory"} <= set(dir(schedules))
+    with pytest.raises(AttributeError, match="no attribute 'gitz'"):
+        schedules.gitz  # noqa: B018
+
+
+def test_gits_returns_one_grid_the_program_of_its_step_costs(edm_costs):
+    edm, den = EDM(), GAUSS.denoiser(EDM())
+    assert edm_costs.times.shape == (21,) and edm_costs.costs.shape == (20, 21)
+    for n in (1, 3, 6):
+        ts = schedules.gits(edm, den, WARM, n, fine_steps=20)
+        assert isinstance(ts, jax.Array) and ts.shape == (n + 1,)
+        np.testing.assert_array_equal(ts, edm_costs.grid(n))
+        assert float(ts[0]) == edm.t_max and float(ts[-1]) == 0.0
+        assert bool(jnp.all(jnp.diff(ts) < 0))
+    # the grid's times are fine-grid times, and its cost is the least over all 3-step paths
+    path = [int(jnp.argmin(jnp.abs(edm_costs.times - t))) for t in edm_costs.grid(3)]
+    cost = sum(float(edm_costs.costs[i, j]) for i, j in zip(path, path[1:], strict=False))
+    brute = min(
+        float(edm_costs.costs[0, i] + edm_costs.costs[i, j] + edm_costs.costs[j, 20])
+        for i in range(1, 20)
+        for j in range(i + 1, 20)
+    )
+    assert cost == pytest.approx(brute, rel=1e-12)
+    assert float(edm_costs.grid(4, pin_t_min=True)[-2]) == pytest.approx(edm.t_min)
+    with pytest.raises(ValueError, match="finer grid"):
+        edm_costs.grid(21)
+
+
+def test_gits_error_weights_are_functions_and_strings_are_deprecated(edm_costs):
+    edm, den = EDM(), GAUSS.denoiser(EDM())
+    ts = edm_costs.times
+    np.testing.assert_array_equal(fitted_grids.local_error(edm, ts, None), np.ones(21))
+    traj = jnp.zeros((21, 16, 4)).at[-1].set(WARM)  # samples of standard deviation ~ s
+    s = float(jnp.std(WARM))
+    weights = fitted_grids.propagated_error(edm, ts, traj)
+    np.testing.assert_allclose(weights, s / np.sqrt(s**2 + np.append(ts[:-1], 0.0) ** 2))
+    local = fitted_grids.step_costs(edm, den, WARM, fine_steps=20, error=fitted_grids.local_error)
+    # propagated = local x the weight of the landing time, s the std of the teacher's samples
+    s_teacher = jnp.std(fitted_grids.fine_trajectory(edm, den, WARM, ts)[-1])
+    weights = fitted_grids.propagation_weights(edm, ts, s_teacher)
+    np.testing.assert_allclose(edm_costs.costs[:3] / local.costs[:3], weights[None].repeat(3, 0))
+    with pytest.warns(DeprecationWarning, match="error=jaxdiff.fitted_grids.local_error"):
+        old = schedules.gits(edm, den, WARM, 4, fine_steps=20, error="local")
+    np.testing.assert_array_equal(old, local.grid(4))
+    with pytest.raises(ValueError, match="error must be 'propagated' or 'local'"):
+        schedules.gits(edm, den, WARM, 4, error="global")
+
+
+def test_gits_sequence_form_is_deprecated(edm_costs):
+    edm, den = EDM(), GAUSS.denoiser(EDM())
+    with pytest.warns(DeprecationWarning, match="step_costs"):
+        many = schedules.gits(edm, den, WARM, [2, 5], fine_steps=20)
+    assert isinstance(many, tuple)
+    np.testing.assert_array_equal(many[1], edm_costs.grid(5))
+
+
+def test_optimize_compiles_once_for_repeated_calls():
+    edm, den = EDM(), GAUSS.denoiser(EDM())
+    sampler = samplers.dpm_solver_pp(edm, 2)
+    targets = jaxdiff.sample(samplers.heun(edm), den, WARM, karras(edm, 40)).x
+    kwargs = dict(teacher=targets, steps=3, init=karras, lr=0.1)
+    first = schedules.optimize(sampler, den, WARM, 4, **kwargs)
+    with compilations() as compiled:
+        again = schedules.optimize(sampler, den, WARM, 4, **kwargs | {"steps": 5, "lr": 0.2})
+    assert compiled == [], compiled  # new step count and learning rate: traced, no recompile
+    assert first.shape == again.shape == (5,) and bool(jnp.all(jnp.diff(again) < 0))
