@@ -1,18 +1,29 @@
 r"""The sampler protocol and the one engine that runs every sampler: ``jaxdiff.sample``.
 
-A sampler is built by a factory that captures its process and hyperparameters (optax-style) and
-returns ``Sampler(init, step)``:
+A sampler is an immutable pytree (an ``eqx.Module``, the pattern of diffrax's solvers) that holds
+its process and hyperparameters as fields and defines
 
-- ``init(x_T, ts) -> state``: the sampler's own state (a NamedTuple declared beside it; multistep
-  history lives here),
+- ``init(x_T, ts) -> state``: the sampler's own state (a NamedTuple declared beside it, multistep
+  history lives here; :class:`EmptyState` for samplers without one),
 - ``step(denoise, x, state, ts, i, key) -> (x_next, state, x0_hat, nfe)``: one step from ``ts[i]``
   to ``ts[i + 1]``; ``x0_hat`` is the denoiser output at ``(x, ts[i])`` (the denoising trajectory)
-  and ``nfe`` the number of denoiser calls it made (a Python int).
+  and ``nfe`` the number of denoiser calls it made,
+- ``final(denoise, x, state, ts, key) -> x0_hat``: the last step of a grid that ends at 0 (the
+  EDM / k-diffusion convention: return the denoiser's output, one evaluation). Written once here;
+  wrappers such as inpainting override it.
 
-``sample`` runs the steps as one ``jax.lax.scan``. A grid whose last entry is 0 ends with the
-denoiser's output: the final step returns ``denoise(x, ts[-2])`` (one evaluation), the EDM /
-k-diffusion convention, for every sampler. Grid values are traced, so a grid of the same length
-and dtype never recompiles.
+Lowercase factories (``ddim(process, eta=0.0)``, ...) build them. Equal settings give equal,
+hashable samplers. Numeric hyperparameters are pytree leaves (Python floats, so equal settings
+hash equal); :func:`sample` turns them into traced arrays, so changing ``eta``, ``churn``, a
+process's ``beta_max`` or a grid's values never recompiles; integers that fix the program's
+shape (``order``) are static fields. A sampler passes through ``jax.jit`` as an argument.
+
+``sample`` runs the steps as one ``jax.lax.scan``. Whether the grid ends at 0 is decided at run
+time (``lax.cond``), so a grid of the same length never recompiles, whatever its values.
+
+dtypes: ``x`` keeps its dtype through every step (bf16 and f16 included); the grid and every
+coefficient are computed in at least float32; an integer or boolean ``x_T`` is a ``TypeError``.
+A denoiser whose output is not shaped like ``x`` is a ``ValueError`` at trace time.
 
 Example:
     >>> import jax, jaxdiff
@@ -23,35 +34,94 @@ Example:
     >>> res = jaxdiff.sample(jaxdiff.samplers.ddim(vp), target.denoiser(vp), x_T, ts)
     >>> res.x.shape, int(res.nfe)
     ((4, 2), 10)
+    >>> jaxdiff.samplers.ddim(vp) == jaxdiff.samplers.ddim(vp)
+    True
 """
 
-from __future__ import annotations
-
+import abc
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from equinox import AbstractVar
 
 from jaxdiff._utils import is_concrete
+from jaxdiff.processes import Process
 
-__all__ = ["Sampler", "SampleResult", "sample", "check_grid"]
+__all__ = [
+    "Sampler",
+    "SampleResult",
+    "EmptyState",
+    "sample",
+    "check_grid",
+    "check_sample_input",
+    "checked_denoiser",
+    "grid_dtype",
+    "lift",
+    "step_noise",
+]
 
 
-class Sampler(NamedTuple):
-    """A sampler: ``init(x_T, ts) -> state`` and ``step(denoise, x, state, ts, i, key)``.
+class EmptyState(NamedTuple):
+    """The state of a sampler without history (optax's ``EmptyState``)."""
 
-    ``process`` (when given) lets ``sample`` check the grid against the process's time range;
-    ``stochastic`` makes ``sample`` insist on a ``key``; ``name`` is for messages and tables.
+
+class Sampler(eqx.Module):
+    """Abstract sampler: ``init``, ``step`` and ``nfe_per_step``; ``final`` is written here.
+
+    Subclasses are small final classes holding ``process`` and their hyperparameters.
     """
 
-    init: Callable
-    step: Callable
-    process: Any = None
-    stochastic: bool = False
-    name: str = "sampler"
+    process: AbstractVar[Process]
+
+    @abc.abstractmethod
+    def init(self, x_T, ts):
+        """The initial state for a run from ``x_T`` over ``ts``."""
+
+    @abc.abstractmethod
+    def step(self, denoise, x, state, ts, i, key):
+        """One step ``ts[i] -> ts[i + 1]``: ``(x_next, state, x0_hat, nfe)``."""
+
+    def final(self, denoise, x, state, ts, key):
+        r"""The last step of a grid ending at 0: :math:`\hat x_0 = D(x, t_{n-1})` (one NFE)."""
+        return denoise(x, ts[-2])
+
+    @property
+    def nfe_per_step(self) -> int:
+        """Denoiser calls per ordinary step (the final step into 0 costs 1)."""
+        return 1
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws noise (then :func:`sample` needs a ``key``)."""
+        return False
+
+    @property
+    def name(self) -> str:
+        """A short readable name for messages and tables."""
+        return type(self).__name__.lower()
+
+    def nfe(self, n: int) -> int:
+        """Exact NFE of ``n`` steps on a grid that ends at 0: ``(n - 1) * nfe_per_step + 1``."""
+        return (n - 1) * self.nfe_per_step + 1
+
+    def steps_for_nfe(self, target: int) -> int:
+        """Grid steps ``n >= 2`` whose NFE ``(n - 1) * nfe_per_step + 1`` is nearest ``target``.
+
+        Ties go to the smaller ``n``: DPM-Solver-3 (3 per step) at 10 gets ``n = 4`` (NFE 10),
+        at 5 ``n = 2`` (NFE 4, not 7).
+        """
+        per = self.nfe_per_step
+        lo = max(2, (int(target) - 1) // per + 1)
+        return min((max(2, lo - 1), lo, lo + 1), key=lambda n: (abs(self.nfe(n) - target), n))
+
+
+def is_zero(value) -> bool:
+    """True when ``value`` is concretely 0 (a traced hyperparameter is never known to be 0)."""
+    return is_concrete(value) and float(np.asarray(value)) == 0.0
 
 
 class SampleResult(NamedTuple):
@@ -88,7 +158,7 @@ def check_grid(ts, process=None):
             f"ts must be strictly decreasing (time runs from noise at t_max down to data at 0); "
             f"got {a}. Reverse it with ts[::-1] if it is increasing."
         )
-    if process is not None:
+    if process is not None and is_concrete(process):
         body = a[:-1] if a[-1] == 0 else a
         lo, hi = float(process.t_min), float(process.t_max)
         if body.min() < lo * (1 - 1e-6) or body.max() > hi * (1 + 1e-6):
@@ -98,11 +168,64 @@ def check_grid(ts, process=None):
             )
 
 
-def _final_is_zero(ts):
-    """True/False when decidable now; None when ``ts`` is traced (decided at run time)."""
-    if not is_concrete(ts):
-        return None
-    return bool(np.asarray(ts)[-1] == 0)
+def check_sample_input(x, name="x_T"):
+    """``x`` as an array; an integer or boolean dtype is a ``TypeError`` naming ``name``."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array (float32, float64, bfloat16 or float16); got "
+            f"dtype {x.dtype}. Convert it, e.g. {name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def grid_dtype(x):
+    """The dtype of times and coefficients for a state ``x``: ``x``'s dtype, at least float32.
+
+    bf16/f16 states get float32 grids (in bf16, 0.999 rounds to 1.0); float32 and float64 states
+    get grids of their own dtype.
+    """
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def checked_denoiser(denoise: Callable) -> Callable:
+    """``denoise`` with its output shape checked against ``x`` at trace time (``ValueError``)."""
+
+    def checked(x, t):
+        x0 = denoise(x, t)
+        if jnp.shape(x0) != jnp.shape(x):
+            raise ValueError(
+                f"the denoiser {_describe(denoise)} returned shape {tuple(jnp.shape(x0))} for x of "
+                f"shape {tuple(jnp.shape(x))}; a denoiser must return x0_hat shaped like x. For a "
+                "network, check its output channels (jaxdiff.denoiser checks it too)."
+            )
+        return x0
+
+    return checked
+
+
+def _describe(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def lift(tree):
+    """Python-float leaves of a sampler (hyperparameters, process fields) as traced-ready arrays.
+
+    A float leaf would be static under ``eqx.filter_jit`` (a recompile per value); as a weakly
+    typed array it is traced, so new values reuse the compiled program.
+    """
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(v) if type(v) is float else v, tree)
+
+
+def step_noise(key, x, on):
+    """A standard normal draw shaped like ``x``, or zeros when ``on`` is false (``lax.cond``).
+
+    Lets a sampler whose noise scale is a traced hyperparameter (``eta``, ``churn``) keep one
+    compiled program for every value while drawing no noise where the scale is 0.
+    """
+    return jax.lax.cond(
+        on, lambda: jax.random.normal(key, x.shape, x.dtype), lambda: jnp.zeros_like(x)
+    )
 
 
 def sample(
@@ -120,7 +243,8 @@ def sample(
         sampler: from a factory in :mod:`jaxdiff.samplers`.
         denoise: ``denoise(x, t) -> x0_hat``. Pass a pytree (an ``eqx.Module``, a
             ``jax.tree_util.Partial``) to keep its arrays traced; a plain function is static.
-        x_T: the starting point, e.g. ``process.prior_sample(shape, key=...)``.
+        x_T: the starting point, e.g. ``process.prior_sample(shape, key=...)``; a floating dtype,
+            kept through every step.
         ts: ``n + 1`` decreasing times; a last entry 0 means the last step returns ``x0_hat``.
         key: PRNG key, required by stochastic samplers; folded with the step index.
         save_trajectory: also return the sampling and denoising trajectories.
@@ -129,54 +253,52 @@ def sample(
         ``SampleResult(x, xs, denoised, nfe)``.
     """
     if not isinstance(sampler, Sampler):
-        raise TypeError(f"sampler must be a jaxdiff Sampler (from a factory); got {type(sampler)}.")
+        raise TypeError(
+            f"sampler must be a jaxdiff Sampler (from a factory such as "
+            f"jaxdiff.samplers.ddim(process)); got {type(sampler).__name__}."
+        )
+    x_T = check_sample_input(x_T)
     ts = jnp.asarray(ts)
     check_grid(ts, sampler.process)
     if key is None:
         if sampler.stochastic:
             raise ValueError(f"{sampler.name} is stochastic: pass key=jax.random.key(seed).")
         key = jax.random.key(0)
-    return _run(sampler, denoise, x_T, ts, key, save_trajectory, _final_is_zero(ts))
+    return _run(lift(sampler), denoise, x_T, ts.astype(grid_dtype(x_T)), key, save_trajectory)
 
 
 @eqx.filter_jit
-def _run(sampler, denoise, x_T, ts, key, save_trajectory, final_zero):
-    x_T = jnp.asarray(x_T)
-    ts = ts.astype(x_T.dtype)
-    n = ts.shape[0] - 1
-    state = sampler.init(x_T, ts)
+def _run(sampler, denoise, x_T, ts, key, save_trajectory):
+    denoise = checked_denoiser(denoise)
+    n, dtype = ts.shape[0] - 1, x_T.dtype
 
     def body(carry, i):
         x, state = carry
-        x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, jax.random.fold_in(key, i))
-        out = (x_next, x0.astype(x.dtype)) if save_trajectory else None
-        return (x_next, state), (out, jnp.asarray(nfe, jnp.int32))
+        x_next, state, x0, nfe = _step_or_final(sampler, denoise, x, state, ts, i, key)
+        out = (x_next, x0.astype(dtype)) if save_trajectory else None
+        return (x_next, state), (out, nfe)
 
-    (x, state), (traj, nfes) = jax.lax.scan(body, (x_T, state), jnp.arange(n - 1))
-    x_last, x0_last, nfe_last = _last_step(sampler, denoise, x, state, ts, key, final_zero)
-    nfe = jnp.sum(nfes) + nfe_last
+    init = (x_T, sampler.init(x_T, ts))
+    (x, _), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(n))
     if not save_trajectory:
-        return SampleResult(x_last, None, None, nfe)
-    xs = jnp.concatenate([x_T[None], traj[0], x_last[None]])
-    denoised = jnp.concatenate([traj[1], x0_last[None]])
-    return SampleResult(x_last, xs, denoised, nfe)
+        return SampleResult(x, None, None, jnp.sum(nfes))
+    return SampleResult(x, jnp.concatenate([x_T[None], traj[0]]), traj[1], jnp.sum(nfes))
 
 
-def _last_step(sampler, denoise, x, state, ts, key, final_zero):
-    """The final step: ``x0_hat`` when the grid ends at 0, else an ordinary step."""
-    i = ts.shape[0] - 2
-    k = jax.random.fold_in(key, i)
+def _step_or_final(sampler, denoise, x, state, ts, i, key):
+    """Step ``i``; the last step of a grid ending at 0 is ``sampler.final`` (decided at run time).
 
-    def to_zero(x):
-        x0 = denoise(x, ts[i]).astype(x.dtype)  # a wider denoiser must not widen x
-        return x0, x0, jnp.asarray(1, jnp.int32)
+    Both branches are traced once, so grids ending at 0 or at ``t_min`` share one program.
+    """
+    key = jax.random.fold_in(key, i)
 
-    def ordinary(x):
-        x_next, _, x0, nfe = sampler.step(denoise, x, state, ts, i, k)
-        return x_next.astype(x.dtype), x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
+    def ordinary(x, state):
+        x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, key)
+        return x_next.astype(x.dtype), state, x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
 
-    if final_zero is True:
-        return to_zero(x)
-    if final_zero is False:
-        return ordinary(x)
-    return jax.lax.cond(ts[-1] == 0, to_zero, ordinary, x)
+    def to_zero(x, state):
+        x0 = sampler.final(denoise, x, state, ts, key).astype(x.dtype)
+        return x0, state, x0, jnp.asarray(1, jnp.int32)
+
+    last_to_zero = (i == ts.shape[0] - 2) & (ts[-1] == 0)
+    return jax.lax.cond(last_to_zero, to_zero, ordinary, x, state)

@@ -16,48 +16,58 @@ Example:
     >>> sampler = jaxdiff.samplers.ddim(jaxdiff.VP(), eta=0.0)  # doctest: +SKIP
 """
 
-from __future__ import annotations
-
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import bcast
+from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler, is_zero, step_noise
 
-__all__ = ["ddim", "ddim_step"]
+__all__ = ["DDIM", "ddim", "ddim_step"]
 
-
-class DDIMState(NamedTuple):
-    """DDIM keeps no history."""
+DDIMState = EmptyState
 
 
 def ddim_step(process: Process, x, x0_hat, t, s, eta=0.0, noise=None):
     r"""One DDIM move of ``x`` from ``t`` to ``s`` given :math:`\hat x_0` (see module docstring)."""
     a_s, sig_s = bcast(process.alpha(s), x), bcast(process.sigma(s), x)
-    a_t, sig_t = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
-    eps_hat = (x - a_t * x0_hat) / sig_t
+    eps_hat = process.eps_from_x0(x, x0_hat, t)
     if noise is None:
         return a_s * x0_hat + sig_s * eps_hat
     c2 = eta**2 * sig_s**2 * bcast(-jnp.expm1(process.log_snr(t) - process.log_snr(s)), x)
     return a_s * x0_hat + jnp.sqrt(sig_s**2 - c2) * eps_hat + jnp.sqrt(c2) * noise
 
 
-def ddim(process: Process, eta: float = 0.0) -> Sampler:
-    r"""DDIM sampler; ``eta`` interpolates between the probability-flow ODE (0) and DDPM (1)."""
-    if eta < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}.")
+class DDIM(Sampler):
+    """DDIM; built by :func:`ddim`."""
 
-    def init(x_T, ts):
-        return DDIMState()
+    process: Process
+    eta: float = 0.0
 
-    def step(denoise, x, state, ts, i, key):
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
         x0_hat = denoise(x, t)
-        noise = None if eta == 0 else jax.random.normal(key, x.shape, x.dtype)
-        x_next = ddim_step(process, x, x0_hat, t, s, eta, noise)
-        return x_next.astype(x.dtype), state, x0_hat, 1
+        if is_zero(self.eta):  # a concrete 0 (e.g. under schedules.gits): no noise at all
+            return ddim_step(self.process, x, x0_hat, t, s), state, x0_hat, 1
+        noise = step_noise(key, x, self.eta > 0)
+        return ddim_step(self.process, x, x0_hat, t, s, self.eta, noise), state, x0_hat, 1
 
-    return Sampler(init, step, process=process, stochastic=eta != 0, name=f"ddim(eta={eta})")
+    @property
+    def stochastic(self) -> bool:
+        return not is_zero(self.eta)
+
+    @property
+    def name(self) -> str:
+        return f"ddim(eta={self.eta})"
+
+
+def ddim(process: Process, eta: float = 0.0) -> DDIM:
+    r"""DDIM sampler; ``eta`` interpolates between the probability-flow ODE (0) and DDPM (1).
+
+    ``eta`` is traced: changing it (0 included) reuses the compiled sampler.
+    """
+    if is_concrete(eta) and eta < 0:
+        raise ValueError(f"eta must be non-negative, got {eta}.")
+    return DDIM(process, float(eta) if is_concrete(eta) else eta)

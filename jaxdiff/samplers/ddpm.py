@@ -25,22 +25,16 @@ Example:
     ((4, 2), 20)
 """
 
-from __future__ import annotations
-
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler
 
-__all__ = ["ddpm", "ddpm_step"]
+__all__ = ["DDPM", "ddpm", "ddpm_step"]
 
-
-class DDPMState(NamedTuple):
-    """DDPM keeps no history."""
+DDPMState = EmptyState
 
 
 def ddpm_step(process: Process, x, x0_hat, t, s, noise):
@@ -55,7 +49,26 @@ def ddpm_step(process: Process, x, x0_hat, t, s, noise):
     return mean + bcast(process.sigma(s), x) * jnp.sqrt(r) * noise
 
 
-def ddpm(process: Process) -> Sampler:
+class DDPM(Sampler):
+    """DDPM ancestral sampler; built by :func:`ddpm`."""
+
+    process: Process
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0_hat = denoise(x, t)
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        return ddpm_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+
+def ddpm(process: Process) -> DDPM:
     r"""DDPM ancestral sampler: one denoiser call per step, fresh noise every step (needs ``key``).
 
     Example:
@@ -63,14 +76,4 @@ def ddpm(process: Process) -> Sampler:
         >>> jaxdiff.samplers.ddpm(jaxdiff.VP()).stochastic
         True
     """
-
-    def init(x_T, ts):
-        return DDPMState()
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        return ddpm_step(process, x, x0_hat, t, s, noise).astype(x.dtype), state, x0_hat, 1
-
-    return Sampler(init, step, process=process, stochastic=True, name="ddpm")
+    return DDPM(process)

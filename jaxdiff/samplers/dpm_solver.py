@@ -41,19 +41,25 @@ Example:
     28
 """
 
-from __future__ import annotations
-
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler
 
 __all__ = [
+    "DPMSolver",
+    "DPMSolverPP",
+    "DPMSolverPPSDE",
+    "MultistepState",
+    "init_history",
+    "push_history",
+    "check_order",
     "dpm_solver",
     "dpm_solver_step",
     "dpm_solver_pp",
@@ -167,14 +173,13 @@ def _coefficients(process: Process, t, s):
 
 
 # --- singlestep DPM-Solver (noise prediction) ------------------------------------------------
-class DPMSolverState(NamedTuple):
-    """Singlestep DPM-Solver keeps no history."""
+DPMSolverState = EmptyState
 
 
 def _eps(process, denoise, x, t):
     r"""Denoise and convert: :math:`(\hat x_0, \hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t)`."""
     x0 = denoise(x, t)
-    return x0, (x - bcast(process.alpha(t), x) * x0) / bcast(process.sigma(t), x)
+    return x0, process.eps_from_x0(x, x0, t)
 
 
 def _intermediate(process, t, h, r):
@@ -227,7 +232,29 @@ def dpm_solver_step(process: Process, denoise, x, t, s, order: int = 2):
     return x_s, x0
 
 
-def dpm_solver(process: Process, order: int = 2) -> Sampler:
+class DPMSolver(Sampler):
+    """Singlestep DPM-Solver; built by :func:`dpm_solver`."""
+
+    process: Process
+    order: int = eqx.field(static=True, default=2)
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        x_s, x0 = dpm_solver_step(self.process, denoise, x, ts[i], ts[i + 1], self.order)
+        return x_s, state, x0, self.order
+
+    @property
+    def nfe_per_step(self) -> int:
+        return self.order
+
+    @property
+    def name(self) -> str:
+        return f"dpm_solver(order={self.order})"
+
+
+def dpm_solver(process: Process, order: int = 2) -> DPMSolver:
     r"""Singlestep DPM-Solver-``order`` in the noise form (Lu et al. 2022, Alg. 1 and 2).
 
     ``order`` denoiser calls per step (the engine's final step into 0 costs 1), global order
@@ -236,16 +263,7 @@ def dpm_solver(process: Process, order: int = 2) -> Sampler:
     Example:
         >>> sampler = jaxdiff.samplers.dpm_solver(jaxdiff.VP(), order=3)  # doctest: +SKIP
     """
-    order = check_order("dpm_solver", order, (1, 2, 3))
-
-    def init(x_T, ts):
-        return DPMSolverState()
-
-    def step(denoise, x, state, ts, i, key):
-        x_s, x0 = dpm_solver_step(process, denoise, x, ts[i], ts[i + 1], order)
-        return x_s.astype(x.dtype), state, x0, order
-
-    return Sampler(init, step, process=process, stochastic=False, name=f"dpm_solver(order={order})")
+    return DPMSolver(process, check_order("dpm_solver", order, (1, 2, 3)))
 
 
 # --- multistep DPM-Solver++ (data prediction) ------------------------------------------------
@@ -264,16 +282,18 @@ class MultistepState(NamedTuple):
 def init_history(x_T, ts, m: int) -> MultistepState:
     """Empty history of ``m`` entries (filled as the solver goes; unread while warming up)."""
     x_T = jnp.asarray(x_T)
-    return MultistepState(jnp.zeros((m, *x_T.shape), x_T.dtype), jnp.zeros((m,), x_T.dtype))
+    return MultistepState(jnp.zeros((m, *x_T.shape), x_T.dtype), jnp.zeros((m,), ts.dtype))
+
+
+def push(history, new):
+    """Prepend ``new`` to the stacked ``history`` (newest first) and drop the oldest entry."""
+    new = jnp.reshape(new, (1, *history.shape[1:])).astype(history.dtype)
+    return jnp.concatenate([new, history[:-1]])
 
 
 def push_history(state: MultistepState, x0, ell) -> MultistepState:
     """Prepend the newest ``(x0, ell)`` and drop the oldest entry."""
-    x0s = jnp.concatenate([x0[None].astype(state.x0_prev.dtype), state.x0_prev[:-1]])
-    ells = jnp.concatenate(
-        [jnp.reshape(ell, (1,)).astype(state.ell_prev.dtype), state.ell_prev[:-1]]
-    )
-    return MultistepState(x0s, ells)
+    return MultistepState(push(state.x0_prev, x0), push(state.ell_prev, ell))
 
 
 def _gaps(ell_t, ell_prev, h, q):
@@ -322,7 +342,31 @@ def dpm_solver_pp_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q):
     return x_s
 
 
-def dpm_solver_pp(process: Process, order: int = 2, *, lower_order_final: bool = True) -> Sampler:
+class DPMSolverPP(Sampler):
+    """Multistep DPM-Solver++; built by :func:`dpm_solver_pp`."""
+
+    process: Process
+    order: int = eqx.field(static=True, default=2)
+    lower_order_final: bool = eqx.field(static=True, default=True)
+
+    def init(self, x_T, ts):
+        return init_history(x_T, ts, self.order - 1)
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0 = denoise(x, t)
+        q = step_order(self.order, i, ts, self.lower_order_final)
+        x_s = dpm_solver_pp_step(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q)
+        return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
+
+    @property
+    def name(self) -> str:
+        return f"dpm_solver_pp(order={self.order})"
+
+
+def dpm_solver_pp(
+    process: Process, order: int = 2, *, lower_order_final: bool = True
+) -> DPMSolverPP:
     r"""Multistep DPM-Solver++(``order``M) in the data form (Lu et al. 2022b, Alg. 2; 3M variant).
 
     One denoiser call per step: each step reuses the outputs of the ``order - 1`` previous steps
@@ -337,21 +381,7 @@ def dpm_solver_pp(process: Process, order: int = 2, *, lower_order_final: bool =
         >>> jaxdiff.sample(sampler, denoise, x_T, ts)                         # doctest: +SKIP
     """
     order = check_order("dpm_solver_pp", order, (2, 3))
-
-    def init(x_T, ts):
-        return init_history(x_T, ts, order - 1)
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
-        q = step_order(order, i, ts, lower_order_final)
-        x_s = dpm_solver_pp_step(process, x, x0, t, s, state.x0_prev, state.ell_prev, q)
-        state = push_history(state, x0, half_log_snr(process, t))
-        return x_s.astype(x.dtype), state, x0, 1
-
-    return Sampler(
-        init, step, process=process, stochastic=False, name=f"dpm_solver_pp(order={order})"
-    )
+    return DPMSolverPP(process, order, lower_order_final)
 
 
 # --- SDE-DPM-Solver++(2M) ---------------------------------------------------------------------
@@ -377,7 +407,35 @@ def dpm_solver_pp_sde_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q, 
     return x_s + bcast(sig_s * jnp.sqrt(one_minus), x) * noise
 
 
-def dpm_solver_pp_sde(process: Process, *, lower_order_final: bool = True) -> Sampler:
+class DPMSolverPPSDE(Sampler):
+    """SDE-DPM-Solver++(2M); built by :func:`dpm_solver_pp_sde`."""
+
+    process: Process
+    lower_order_final: bool = eqx.field(static=True, default=True)
+
+    def init(self, x_T, ts):
+        return init_history(x_T, ts, 1)
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0 = denoise(x, t)
+        q = step_order(2, i, ts, self.lower_order_final)
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        x_s = dpm_solver_pp_sde_step(
+            self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise
+        )
+        return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        return "dpm_solver_pp_sde"
+
+
+def dpm_solver_pp_sde(process: Process, *, lower_order_final: bool = True) -> DPMSolverPPSDE:
     r"""SDE-DPM-Solver++(2M): the stochastic multistep solver of Lu et al. (2022b); needs ``key``.
 
     One denoiser call per step; samples the data distribution (not the probability-flow ODE's
@@ -388,17 +446,4 @@ def dpm_solver_pp_sde(process: Process, *, lower_order_final: bool = True) -> Sa
         >>> sampler = jaxdiff.samplers.dpm_solver_pp_sde(jaxdiff.VP())       # doctest: +SKIP
         >>> jaxdiff.sample(sampler, denoise, x_T, ts, key=jax.random.key(0))  # doctest: +SKIP
     """
-
-    def init(x_T, ts):
-        return init_history(x_T, ts, 1)
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
-        q = step_order(2, i, ts, lower_order_final)
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        x_s = dpm_solver_pp_sde_step(process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise)
-        state = push_history(state, x0, half_log_snr(process, t))
-        return x_s.astype(x.dtype), state, x0, 1
-
-    return Sampler(init, step, process=process, stochastic=True, name="dpm_solver_pp_sde")
+    return DPMSolverPPSDE(process, lower_order_final)

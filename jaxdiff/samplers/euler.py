@@ -27,41 +27,30 @@ Example:
     35
 """
 
-from __future__ import annotations
-
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import bcast
-from jaxdiff.parameterization import from_x0
+from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler, is_zero
 
-__all__ = ["euler", "heun", "euler_step", "heun_step", "churn_step", "noise_level"]
+__all__ = ["Euler", "Heun", "euler", "heun", "euler_step", "heun_step", "churn_step", "noise_level"]
 
-
-class EulerState(NamedTuple):
-    """Euler and Heun keep no history."""
+EulerState = EmptyState
 
 
 def noise_level(process: Process, t):
-    r"""EDM's noise level :math:`\tilde\sigma_t = \sigma_t/\alpha_t` (:math:`= e^{-\lambda_t/2}`)."""
-    return process.sigma(t) / process.alpha(t)
-
-
-def _eps(process, x, x0_hat, t):
-    r""":math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t`, the slope :math:`d\tilde x/d\tilde\sigma`."""
-    return from_x0(process, "eps", x, t, x0_hat)
+    r"""EDM's noise level :math:`\tilde\sigma_t = \sigma_t/\alpha_t` (``process.noise_level``)."""
+    return process.noise_level(t)
 
 
 def euler_step(process: Process, x, x0_hat, t, s):
     r"""Euler from ``t`` to ``s``: :math:`x_s = \alpha_s\left(x/\alpha_t + (\tilde\sigma_s -
     \tilde\sigma_t)\hat\epsilon\right)` (identical to a deterministic DDIM step)."""
-    h = bcast(noise_level(process, s) - noise_level(process, t), x)
-    x_scaled = x / bcast(process.alpha(t), x) + h * _eps(process, x, x0_hat, t)
+    h = bcast(process.noise_level(s) - process.noise_level(t), x)
+    x_scaled = x / bcast(process.alpha(t), x) + h * process.eps_from_x0(x, x0_hat, t)
     return bcast(process.alpha(s), x) * x_scaled
 
 
@@ -73,8 +62,8 @@ def heun_step(process: Process, x, x0_hat, x_pred, x0_pred, t, s):
 
     with ``x_pred = euler_step(process, x, x0_hat, t, s)`` and ``x0_pred = D(x_pred, s)``.
     """
-    h = bcast(noise_level(process, s) - noise_level(process, t), x)
-    slope = 0.5 * (_eps(process, x, x0_hat, t) + _eps(process, x_pred, x0_pred, s))
+    h = bcast(process.noise_level(s) - process.noise_level(t), x)
+    slope = 0.5 * (process.eps_from_x0(x, x0_hat, t) + process.eps_from_x0(x_pred, x0_pred, s))
     return bcast(process.alpha(s), x) * (x / bcast(process.alpha(t), x) + h * slope)
 
 
@@ -87,17 +76,31 @@ def churn_step(process: Process, x, t, gamma, noise):
     :math:`\tilde\sigma(t_{max})` so the denoiser is never asked outside the process's range.
     Returns ``(x_hat, t_hat)``.
     """
-    sig = noise_level(process, t)
-    sig_max = noise_level(process, jnp.asarray(process.t_max, sig.dtype))
+    sig = process.noise_level(t)
+    sig_max = process.noise_level(jnp.asarray(process.t_max, sig.dtype))
     sig_hat = jnp.maximum(jnp.minimum(sig * (1.0 + gamma), sig_max), sig)  # never below sig
-    t_hat = jnp.minimum(process.t_from_log_snr(-2.0 * jnp.log(sig_hat)), process.t_max)
+    t_hat = jnp.minimum(process.t_from_noise_level(sig_hat), process.t_max)
     t_hat = jnp.where(sig_hat > sig, t_hat, t).astype(sig.dtype)  # exactly t when no churn
     rise = jnp.sqrt((sig_hat - sig) * (sig_hat + sig))  # >= 0 even where XLA fuses into an fma
     x_scaled = x / bcast(process.alpha(t), x) + bcast(rise, x) * noise
     return bcast(process.alpha(t_hat), x) * x_scaled, t_hat
 
 
-def euler(process: Process) -> Sampler:
+class Euler(Sampler):
+    """Euler on the probability-flow ODE; built by :func:`euler`."""
+
+    process: Process
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0_hat = denoise(x, t)
+        return euler_step(self.process, x, x0_hat, t, s), state, x0_hat, 1
+
+
+def euler(process: Process) -> Euler:
     r"""Euler on the probability-flow ODE in :math:`(\tilde x, \tilde\sigma)`: first order, 1 NFE/step.
 
     Example:
@@ -105,16 +108,58 @@ def euler(process: Process) -> Sampler:
         >>> jaxdiff.samplers.euler(jaxdiff.EDM()).name
         'euler'
     """
+    return Euler(process)
 
-    def init(x_T, ts):
-        return EulerState()
 
-    def step(denoise, x, state, ts, i, key):
+class Heun(Sampler):
+    """EDM's Heun sampler with optional churn; built by :func:`heun`."""
+
+    process: Process
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def gamma(self, ts, t):
+        r""":math:`\gamma_i = \min(S_{churn}/N, \sqrt2 - 1)` inside ``[s_tmin, s_tmax]``, else 0."""
+        sig = self.process.noise_level(t)
+        gamma_max = jnp.minimum(self.churn / (ts.shape[0] - 1), math.sqrt(2.0) - 1.0)
+        return jnp.where((sig >= self.s_tmin) & (sig <= self.s_tmax), gamma_max, 0.0)
+
+    def _churn(self, x, ts, t, key):
+        """Raise the noise level of ``x`` (lax.cond: no noise drawn where gamma is 0)."""
+        gamma = self.gamma(ts, t)
+
+        def churned(x):
+            noise = self.s_noise * jax.random.normal(key, x.shape, x.dtype)
+            x_hat, t_hat = churn_step(self.process, x, t, gamma, noise)
+            return x_hat.astype(x.dtype), t_hat.astype(t.dtype)
+
+        return jax.lax.cond(gamma > 0, churned, lambda x: (x, t), x)
+
+    def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
+        if self.stochastic:
+            x, t = self._churn(x, ts, t, key)
         x0_hat = denoise(x, t)
-        return euler_step(process, x, x0_hat, t, s).astype(x.dtype), state, x0_hat, 1
+        x_pred = euler_step(self.process, x, x0_hat, t, s)
+        x_next = heun_step(self.process, x, x0_hat, x_pred, denoise(x_pred, s), t, s)
+        return x_next, state, x0_hat, 2
 
-    return Sampler(init, step, process=process, stochastic=False, name="euler")
+    @property
+    def nfe_per_step(self) -> int:
+        return 2
+
+    @property
+    def stochastic(self) -> bool:
+        return not is_zero(self.churn)
+
+    @property
+    def name(self) -> str:
+        return f"heun(churn={self.churn})" if self.stochastic else "heun"
 
 
 def heun(
@@ -124,7 +169,7 @@ def heun(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-) -> Sampler:
+) -> Heun:
     r"""EDM's Heun sampler (Karras et al. 2022, Alg. 2): second order, 2 NFE per step.
 
     The final step into ``t = 0`` returns the denoiser's output (1 NFE), so ``n`` steps cost
@@ -149,31 +194,13 @@ def heun(
         True
     """
     _check_churn(churn, s_tmin, s_tmax, s_noise)
-    stochastic = churn > 0
-
-    def init(x_T, ts):
-        return EulerState()
-
-    def gamma(ts, t):
-        sig = noise_level(process, t)
-        gamma_max = min(churn / (ts.shape[0] - 1), math.sqrt(2.0) - 1.0)
-        return jnp.where((sig >= s_tmin) & (sig <= s_tmax), gamma_max, 0.0)
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        if stochastic:
-            noise = s_noise * jax.random.normal(key, x.shape, x.dtype)
-            x, t = churn_step(process, x, t, gamma(ts, t), noise)
-        x0_hat = denoise(x, t)
-        x_pred = euler_step(process, x, x0_hat, t, s)
-        x_next = heun_step(process, x, x0_hat, x_pred, denoise(x_pred, s), t, s)
-        return x_next.astype(x.dtype), state, x0_hat, 2
-
-    name = f"heun(churn={churn})" if stochastic else "heun"
-    return Sampler(init, step, process=process, stochastic=stochastic, name=name)
+    hyper = [float(v) if is_concrete(v) else v for v in (churn, s_tmin, s_tmax, s_noise)]
+    return Heun(process, *hyper)
 
 
 def _check_churn(churn, s_tmin, s_tmax, s_noise):
+    if not is_concrete(churn, s_tmin, s_tmax, s_noise):
+        return
     if churn < 0:
         raise ValueError(f"churn (S_churn) must be non-negative, got {churn}; 0 disables it.")
     if s_noise < 0:

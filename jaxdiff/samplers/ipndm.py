@@ -40,10 +40,9 @@ Example:
     10
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,9 +50,9 @@ import numpy as np
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
-from jaxdiff.samplers.dpm_solver import check_order, moment_weights, step_order
+from jaxdiff.samplers.dpm_solver import check_order, moment_weights, push, step_order
 
-__all__ = ["ipndm", "ipndm_step", "adams_bashforth_weights"]
+__all__ = ["IPNDM", "ipndm", "ipndm_step", "adams_bashforth_weights"]
 
 
 class IPNDMState(NamedTuple):
@@ -66,10 +65,6 @@ class IPNDMState(NamedTuple):
 
     eps_prev: jax.Array
     sig_prev: jax.Array
-
-
-def _noise_level(process: Process, t):
-    return process.sigma(t) / process.alpha(t)
 
 
 def adams_bashforth_weights(sig_t, sig_s, sig_prev, q, variable_step: bool = False):
@@ -106,14 +101,40 @@ def ipndm_step(process: Process, x, x0, t, s, eps_prev, sig_prev, q, variable_st
     Returns ``(x_s, eps)`` with :math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t`.
     """
     a_t, a_s = process.alpha(t), process.alpha(s)
-    sig_t, sig_s = _noise_level(process, t), _noise_level(process, s)
-    eps = (x - bcast(a_t, x) * x0) / bcast(process.sigma(t), x)
+    sig_t, sig_s = process.noise_level(t), process.noise_level(s)
+    eps = process.eps_from_x0(x, x0, t)
     b = adams_bashforth_weights(sig_t, sig_s, sig_prev, q, variable_step)
     slope = b[0] * eps + jnp.tensordot(b[1:], eps_prev, axes=1)
     return bcast(a_s, x) * (x / bcast(a_t, x) + bcast(sig_s - sig_t, x) * slope), eps
 
 
-def ipndm(process: Process, order: int = 4, *, variable_step: bool = False) -> Sampler:
+class IPNDM(Sampler):
+    """iPNDM; built by :func:`ipndm`."""
+
+    process: Process
+    order: int = eqx.field(static=True, default=4)
+    variable_step: bool = eqx.field(static=True, default=False)
+
+    def init(self, x_T, ts):
+        x_T, m = jnp.asarray(x_T), self.order - 1
+        return IPNDMState(jnp.zeros((m, *x_T.shape), x_T.dtype), jnp.ones((m,), ts.dtype))
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0 = denoise(x, t)
+        q = step_order(self.order, i, ts)
+        x_s, eps = ipndm_step(
+            self.process, x, x0, t, s, state.eps_prev, state.sig_prev, q, self.variable_step
+        )
+        sig_t = self.process.noise_level(t)
+        return x_s, IPNDMState(push(state.eps_prev, eps), push(state.sig_prev, sig_t)), x0, 1
+
+    @property
+    def name(self) -> str:
+        return f"ipndm(order={self.order}{', variable_step' if self.variable_step else ''})"
+
+
+def ipndm(process: Process, order: int = 4, *, variable_step: bool = False) -> IPNDM:
     r"""iPNDM of order 1 to 4 (Zhang & Chen 2023): Adams--Bashforth in :math:`(\tilde x, \tilde\sigma)`.
 
     One denoiser call per step; the first ``order - 1`` steps warm up at lower order. ``order=1``
@@ -123,27 +144,4 @@ def ipndm(process: Process, order: int = 4, *, variable_step: bool = False) -> S
     Example:
         >>> sampler = jaxdiff.samplers.ipndm(jaxdiff.EDM(), order=4)  # doctest: +SKIP
     """
-    order = check_order("ipndm", order, (1, 2, 3, 4))
-
-    def init(x_T, ts):
-        x_T = jnp.asarray(x_T)
-        m = order - 1
-        return IPNDMState(jnp.zeros((m, *x_T.shape), x_T.dtype), jnp.ones((m,), x_T.dtype))
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
-        q = step_order(order, i, ts)
-        x_s, eps = ipndm_step(
-            process, x, x0, t, s, state.eps_prev, state.sig_prev, q, variable_step
-        )
-        sig_t = jnp.reshape(_noise_level(process, t), (1,)).astype(x.dtype)
-        m = order - 1  # newest first, oldest dropped
-        state = IPNDMState(
-            jnp.concatenate([eps[None].astype(x.dtype), state.eps_prev])[:m],
-            jnp.concatenate([sig_t, state.sig_prev])[:m],
-        )
-        return x_s.astype(x.dtype), state, x0, 1
-
-    name = f"ipndm(order={order}{', variable_step' if variable_step else ''})"
-    return Sampler(init, step, process=process, stochastic=False, name=name)
+    return IPNDM(process, check_order("ipndm", order, (1, 2, 3, 4)), variable_step)

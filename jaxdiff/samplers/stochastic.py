@@ -22,23 +22,25 @@ Example:
     39
 """
 
-from __future__ import annotations
-
-from typing import NamedTuple
-
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import bcast, sum_except_batch
-from jaxdiff.parameterization import from_x0
+from jaxdiff._utils import bcast, is_concrete, sum_except_batch
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler
 
-__all__ = ["euler_maruyama", "predictor_corrector", "euler_maruyama_step", "langevin_step"]
+__all__ = [
+    "EulerMaruyama",
+    "PredictorCorrector",
+    "euler_maruyama",
+    "predictor_corrector",
+    "euler_maruyama_step",
+    "langevin_step",
+]
 
 
-class EulerMaruyamaState(NamedTuple):
-    """Euler-Maruyama keeps no history."""
+EulerMaruyamaState = EmptyState
 
 
 def euler_maruyama_step(process: Process, x, x0_hat, t, s, noise):
@@ -48,9 +50,15 @@ def euler_maruyama_step(process: Process, x, x0_hat, t, s, noise):
         + g(t)\sqrt{t - s}\;z
     """
     dt = bcast(t - s, x)
-    score = from_x0(process, "score", x, t, x0_hat)  # Tweedie: (alpha_t x0_hat - x) / sigma_t^2
+    score = process.score_from_x0(x, x0_hat, t)  # Tweedie: (alpha_t x0_hat - x) / sigma_t^2
     drift = bcast(process.f(t), x) * x - bcast(process.g2(t), x) * score
     return x - drift * dt + jnp.sqrt(bcast(process.g2(t), x) * dt) * noise
+
+
+def finite_mean(v):
+    """Mean of the finite entries of ``v`` (NaN only if none is finite)."""
+    ok = jnp.isfinite(v)
+    return jnp.sum(jnp.where(ok, v, 0.0)) / jnp.sum(ok)
 
 
 def langevin_step(process: Process, x, x0_hat, t, noise, snr=0.16, scale=1.0):
@@ -62,16 +70,36 @@ def langevin_step(process: Process, x, x0_hat, t, noise, snr=0.16, scale=1.0):
     with :math:`r` the signal-to-noise ratio ``snr`` and :math:`a` = ``scale`` (Alg. 5's
     :math:`\alpha_i`). As in the reference code of Song et al., the norms are per example and then
     averaged over the batch (the bars): a per-example ratio would make :math:`\epsilon` blow up
-    wherever the score nearly vanishes (near a mode, in low dimension).
+    wherever the score nearly vanishes (near a mode, in low dimension). The average skips rows
+    that are not finite, so one NaN row never changes the step size of the others.
     """
-    score = from_x0(process, "score", x, t, x0_hat)
-    noise_norm = jnp.mean(jnp.sqrt(sum_except_batch(noise**2)))
-    score_norm = jnp.mean(jnp.sqrt(sum_except_batch(score**2)))
+    score = process.score_from_x0(x, x0_hat, t)
+    noise_norm = finite_mean(jnp.sqrt(sum_except_batch(noise**2)))
+    score_norm = finite_mean(jnp.sqrt(sum_except_batch(score**2)))
     eps = 2.0 * scale * (snr * noise_norm / score_norm) ** 2
     return x + eps * score + jnp.sqrt(2.0 * eps) * noise
 
 
-def euler_maruyama(process: Process) -> Sampler:
+class EulerMaruyama(Sampler):
+    """Euler-Maruyama on the reverse SDE; built by :func:`euler_maruyama`."""
+
+    process: Process
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0_hat = denoise(x, t)
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        return euler_maruyama_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+
+def euler_maruyama(process: Process) -> EulerMaruyama:
     r"""Euler-Maruyama on the reverse SDE: one denoiser call per step, needs ``key``.
 
     Example:
@@ -79,23 +107,53 @@ def euler_maruyama(process: Process) -> Sampler:
         >>> jaxdiff.samplers.euler_maruyama(jaxdiff.VE()).stochastic
         True
     """
+    return EulerMaruyama(process)
 
-    def init(x_T, ts):
-        return EulerMaruyamaState()
 
-    def step(denoise, x, state, ts, i, key):
+class PredictorCorrector(Sampler):
+    """A predictor followed by Langevin corrector steps; built by :func:`predictor_corrector`."""
+
+    process: Process
+    predictor: Sampler
+    snr: float = 0.16
+    n_corrector: int = eqx.field(static=True, default=1)
+
+    def init(self, x_T, ts):
+        return self.predictor.init(x_T, ts)
+
+    def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        x_next = euler_maruyama_step(process, x, x0_hat, t, s, noise)
-        return x_next.astype(x.dtype), state, x0_hat, 1
+        key_p, key_c = jax.random.split(key)
+        x, state, x0_hat, nfe = self.predictor.step(denoise, x, state, ts, i, key_p)
+        scale = (self.process.alpha(t) / self.process.alpha(s)) ** 2  # 1 - beta_i of Alg. 5
 
-    return Sampler(init, step, process=process, stochastic=True, name="euler_maruyama")
+        def correct(j, x):
+            noise = jax.random.normal(jax.random.fold_in(key_c, j), x.shape, x.dtype)
+            x_new = langevin_step(self.process, x, denoise(x, s), s, noise, self.snr, scale)
+            return x_new.astype(x.dtype)
+
+        x = jax.lax.fori_loop(0, self.n_corrector, correct, x)
+        return x, state, x0_hat, nfe + self.n_corrector
+
+    @property
+    def nfe_per_step(self) -> int:
+        return self.predictor.nfe_per_step + self.n_corrector
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        return (
+            f"predictor_corrector({self.predictor.name}, snr={self.snr}, "
+            f"n_corrector={self.n_corrector})"
+        )
 
 
 def predictor_corrector(
     process: Process, predictor: Sampler, snr: float = 0.16, n_corrector: int = 1
-) -> Sampler:
+) -> PredictorCorrector:
     r"""Predictor-corrector sampling (Song et al. 2021, Alg. 1 with the Langevin corrector).
 
     Each step runs ``predictor`` from :math:`t_i` to :math:`t_{i+1}`, then ``n_corrector``
@@ -120,23 +178,10 @@ def predictor_corrector(
     """
     if not isinstance(predictor, Sampler):
         raise TypeError(f"predictor must be a jaxdiff Sampler (from a factory); got {predictor!r}.")
-    if not snr > 0:
+    if is_concrete(snr) and not snr > 0:
         raise ValueError(f"snr must be positive, got {snr}.")
     if not isinstance(n_corrector, int) or n_corrector < 0:
         raise ValueError(f"n_corrector must be a non-negative int, got {n_corrector!r}.")
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        key_p, key_c = jax.random.split(key)
-        x, state, x0_hat, nfe = predictor.step(denoise, x, state, ts, i, key_p)
-        scale = (process.alpha(t) / process.alpha(s)) ** 2  # 1 - beta_i of Alg. 5; 1 for VE
-
-        def correct(j, x):
-            noise = jax.random.normal(jax.random.fold_in(key_c, j), x.shape, x.dtype)
-            return langevin_step(process, x, denoise(x, s), s, noise, snr, scale).astype(x.dtype)
-
-        x = jax.lax.fori_loop(0, n_corrector, correct, x)
-        return x, state, x0_hat, nfe + n_corrector
-
-    name = f"predictor_corrector({predictor.name}, snr={snr}, n_corrector={n_corrector})"
-    return Sampler(predictor.init, step, process=process, stochastic=True, name=name)
+    return PredictorCorrector(
+        process, predictor, float(snr) if is_concrete(snr) else snr, n_corrector
+    )

@@ -37,11 +37,10 @@ Example:
     10
 """
 
-from __future__ import annotations
-
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -53,10 +52,11 @@ from jaxdiff.samplers.dpm_solver import (
     half_log_snr,
     moment_weights,
     phi,
+    push,
     step_order,
 )
 
-__all__ = ["unipc", "unipc_update"]
+__all__ = ["UniPC", "unipc", "unipc_update"]
 
 
 class UniPCState(NamedTuple):
@@ -101,9 +101,8 @@ def _correct(process, x, x0, state, ts, i, order, lower_order_final):
     dummy step with no nodes, to keep every branch finite).
     """
     j = jnp.maximum(i - 1, 0)
-    nodes_x0 = jnp.concatenate([x0[None].astype(x.dtype), state.x0_prev[1:]])
-    ell_i = jnp.reshape(half_log_snr(process, ts[i]), (1,)).astype(state.ell_prev.dtype)
-    nodes_ell = jnp.concatenate([ell_i, state.ell_prev[1:]])
+    nodes_x0 = jnp.concatenate([x0[None].astype(state.x0_prev.dtype), state.x0_prev[1:]])
+    nodes_ell = state.ell_prev.at[0].set(half_log_snr(process, ts[i]))
     n_used = jnp.where(i >= 1, step_order(order, j, ts, lower_order_final), 0)
     x_c = unipc_update(
         process, state.x_prev, state.x0_prev[0], ts[j], ts[j + 1], nodes_x0, nodes_ell, n_used
@@ -111,7 +110,34 @@ def _correct(process, x, x0, state, ts, i, order, lower_order_final):
     return jnp.where(i >= 1, x_c, x)
 
 
-def unipc(process: Process, order: int = 2, *, lower_order_final: bool = True) -> Sampler:
+class UniPC(Sampler):
+    """UniPC (UniP predictor, UniC corrector); built by :func:`unipc`."""
+
+    process: Process
+    order: int = eqx.field(static=True, default=2)
+    lower_order_final: bool = eqx.field(static=True, default=True)
+
+    def init(self, x_T, ts):
+        x_T, m = jnp.asarray(x_T), self.order
+        zeros = jnp.zeros((m, *x_T.shape), x_T.dtype)
+        return UniPCState(jnp.zeros_like(x_T), zeros, jnp.zeros((m,), ts.dtype))
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0 = denoise(x, t)
+        x = _correct(self.process, x, x0, state, ts, i, self.order, self.lower_order_final)
+        x = x.astype(state.x_prev.dtype)
+        q = step_order(self.order, i, ts, self.lower_order_final)
+        x_s = unipc_update(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q - 1)
+        ell_t = half_log_snr(self.process, t)
+        return x_s, UniPCState(x, push(state.x0_prev, x0), push(state.ell_prev, ell_t)), x0, 1
+
+    @property
+    def name(self) -> str:
+        return f"unipc(order={self.order})"
+
+
+def unipc(process: Process, order: int = 2, *, lower_order_final: bool = True) -> UniPC:
     r"""UniPC with predictor UniP-``order`` and corrector UniC (bh2), 1 denoiser call per step.
 
     Orders 1 to 3: UniP-p has order p, and UniC raises the order of every corrected step by one
@@ -122,25 +148,4 @@ def unipc(process: Process, order: int = 2, *, lower_order_final: bool = True) -
     Example:
         >>> sampler = jaxdiff.samplers.unipc(jaxdiff.VP(), order=2)  # doctest: +SKIP
     """
-    order = check_order("unipc", order, (1, 2, 3))
-
-    def init(x_T, ts):
-        x_T = jnp.asarray(x_T)
-        zeros = jnp.zeros((order, *x_T.shape), x_T.dtype)
-        return UniPCState(jnp.zeros_like(x_T), zeros, jnp.zeros((order,), x_T.dtype))
-
-    def step(denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
-        x = _correct(process, x, x0, state, ts, i, order, lower_order_final)
-        q = step_order(order, i, ts, lower_order_final)
-        x_s = unipc_update(process, x, x0, t, s, state.x0_prev, state.ell_prev, q - 1)
-        ell_t = jnp.reshape(half_log_snr(process, t), (1,)).astype(x.dtype)
-        state = UniPCState(
-            x,
-            jnp.concatenate([x0[None].astype(x.dtype), state.x0_prev[:-1]]),
-            jnp.concatenate([ell_t, state.ell_prev[:-1]]),
-        )
-        return x_s.astype(x.dtype), state, x0, 1
-
-    return Sampler(init, step, process=process, stochastic=False, name=f"unipc(order={order})")
+    return UniPC(process, check_order("unipc", order, (1, 2, 3)), lower_order_final)
