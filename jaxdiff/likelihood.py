@@ -17,12 +17,21 @@ autodiff, one Jacobian-vector product per dimension) for small dimensions and ot
 Hutchinson's estimator :math:`\nabla\cdot v \approx \epsilon^\top (\partial v/\partial x)\,\epsilon`
 with Rademacher or Gaussian probes drawn once per solve (Grathwohl et al. 2019, "FFJORD").
 Each example's divergence is its own: the Jacobian is taken per example under ``jax.vmap``.
+A probe distribution is a function ``(key, shape, dtype) -> array`` with identity covariance,
+``jax.random.rademacher`` (the default) or ``jax.random.normal``.
 
 **Starting point.** ``log_likelihood`` returns :math:`\log p_{t_{min}}(x_0)`, the density of the
 marginal at :math:`t_{min}` evaluated at the data, treating the data as :math:`x_{t_{min}}` (the
 convention of Song et al. 2021). It differs from the data density :math:`\log p_0` by the
 smoothing of :math:`p_0` with :math:`\mathcal N(0, \sigma_{t_{min}}^2)` and the scale
 :math:`\alpha_{t_{min}}`, both negligible for small ``t_min``.
+
+**dtypes and non-finite data** follow :mod:`jaxdiff.sde` (:func:`jaxdiff.sde.solver_input`):
+bfloat16 or float16 data are integrated in float32 and the log-likelihoods are returned in at
+least float32 (a bfloat16 log-density would lose the second decimal of bits per dimension);
+integer or boolean ``x0`` is a ``TypeError`` (:func:`bits_per_dim` dequantizes integer levels
+first); a row with NaN or inf is a ``ValueError`` naming it, or NaN under ``jax.jit`` while the
+other rows are computed as usual.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxdiff
@@ -37,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import diffrax as dfx
@@ -46,13 +56,20 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import as_time, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.sde import check_ode_solver, default_stepsize_controller, probability_flow_velocity
+from jaxdiff.sde import (
+    check_ode_solver,
+    default_stepsize_controller,
+    probability_flow_velocity,
+    solver_input,
+)
 
 __all__ = ["log_likelihood", "bits_per_dim", "divergence", "sample_probes", "dequantize"]
 
 #: ``exact_divergence=None`` takes the exact trace up to this many dimensions per example.
 EXACT_DIVERGENCE_MAX_DIM = 16
+#: Deprecated probe names and the distributions they stand for.
 PROBES = ("rademacher", "gaussian")
+_PROBE_ALIASES = {"rademacher": jax.random.rademacher, "gaussian": jax.random.normal}
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,20 +77,40 @@ PROBES = ("rademacher", "gaussian")
 # --------------------------------------------------------------------------------------------
 
 
-def sample_probes(key, x, n_probes: int = 1, probe: str = "rademacher"):
+def _probe_distribution(probe) -> Callable:
+    """A probe distribution, or the one a deprecated name stands for."""
+    if isinstance(probe, str):
+        if probe not in _PROBE_ALIASES:
+            raise ValueError(
+                f"probe must be one of {PROBES} (deprecated names) or a function "
+                f"(key, shape, dtype) -> array such as jax.random.rademacher; got {probe!r}."
+            )
+        fn = _PROBE_ALIASES[probe]
+        warnings.warn(
+            f"probe={probe!r} is deprecated: pass probe=jax.random.{fn.__name__}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return fn
+    if not callable(probe):
+        raise TypeError(f"probe must be a function (key, shape, dtype) -> array; got {probe!r}.")
+    return probe
+
+
+def sample_probes(key, x, n_probes: int = 1, probe: Callable = jax.random.rademacher):
     r"""Hutchinson probes :math:`\epsilon` with :math:`E[\epsilon\epsilon^\top] = I`.
 
-    Returns an array of shape ``(batch, n_probes, ...)`` in the dtype of ``x``: signs
-    :math:`\pm 1` (``"rademacher"``) or standard normals (``"gaussian"``).
+    Returns ``probe(key, (batch, n_probes, ...), x.dtype)``: signs :math:`\pm 1`
+    (``jax.random.rademacher``, the default) or standard normals (``jax.random.normal``).
+
+    Example:
+        >>> probes = sample_probes(jax.random.key(0), x, 4, jax.random.normal)  # doctest: +SKIP
+        >>> probes.shape  # (batch, 4, d)                                    # doctest: +SKIP
     """
-    if probe not in PROBES:
-        raise ValueError(f"probe must be one of {PROBES}; got {probe!r}.")
+    probe = _probe_distribution(probe)
     if int(n_probes) < 1:
         raise ValueError(f"n_probes must be a positive integer; got {n_probes}.")
-    shape = (x.shape[0], int(n_probes)) + x.shape[1:]
-    if probe == "gaussian":
-        return jax.random.normal(key, shape, x.dtype)
-    return jax.random.rademacher(key, shape, x.dtype)
+    return probe(key, (x.shape[0], int(n_probes)) + x.shape[1:], x.dtype)
 
 
 def divergence(fn: Callable, x, probes=None):
@@ -130,12 +167,14 @@ def _check_solve(sol, max_steps):
     """Raise eagerly when the solve failed; under tracing return a mask to put NaN there."""
     ok = sol.result == dfx.RESULTS.successful
     if is_concrete(ok) and not bool(ok):
-        reached = bool(sol.result == dfx.RESULTS.max_steps_reached)
-        hint = (
-            f"it reached max_steps={max_steps}: raise max_steps or loosen rtol/atol"
-            if reached
-            else "try a tighter or looser tolerance, or another solver"
-        )
+        hint = "try a tighter or looser tolerance, or another solver"
+        if bool(sol.result == dfx.RESULTS.max_steps_reached):
+            hint = (
+                f"it reached max_steps={max_steps}: raise max_steps or loosen rtol/atol. It "
+                f"stopped at t={float(sol.ts[-1]):g}; if the denoiser returns NaN or inf just "
+                "after that time, the step-size control stalls there and only fixing the "
+                "denoiser helps"
+            )
         raise RuntimeError(f"log_likelihood: the probability-flow ODE solve failed; {hint}.")
     return ok
 
@@ -147,7 +186,7 @@ def log_likelihood(
     *,
     key=None,
     exact_divergence: bool | None = None,
-    probe: str = "rademacher",
+    probe: Callable = jax.random.rademacher,
     n_probes: int = 1,
     t_min=None,
     t_max=None,
@@ -169,12 +208,15 @@ def log_likelihood(
 
     Args:
         process, denoise: the forward process and ``denoise(x, t) -> x0_hat``.
-        x0: data ``(batch, ...)`` in the model's units.
+        x0: data ``(batch, ...)`` in the model's units, a floating dtype (bfloat16 and float16
+            are integrated in float32); see the module docstring for dtypes and NaN rows.
         key: PRNG key for Hutchinson probes (not needed with the exact divergence).
         exact_divergence: ``True`` exact trace, ``False`` Hutchinson, ``None`` exact when an
             example has at most ``EXACT_DIVERGENCE_MAX_DIM`` (16) entries.
-        probe, n_probes: Hutchinson probe kind (``"rademacher"`` or ``"gaussian"``) and count;
-            the probes are fixed along the solve, so the estimate is unbiased.
+        probe, n_probes: Hutchinson probe distribution, a function ``(key, shape, dtype)``
+            (``jax.random.rademacher`` or ``jax.random.normal``; the names ``"rademacher"`` and
+            ``"gaussian"`` are deprecated aliases), and count; the probes are fixed along the
+            solve, so the estimate is unbiased.
         t_min, t_max: integration range (defaults: the process's).
         prior_logp: ``log p_T`` of the end point (default ``process.prior_logp``).
         solver: a diffrax ODE solver (default ``Tsit5``).
@@ -183,11 +225,14 @@ def log_likelihood(
         max_steps: bound on solver steps, so a solve never hangs: past it, a ``RuntimeError``
             (eagerly) or NaN (under ``jax.jit``).
 
+    Returns:
+        ``(batch,)`` log-likelihoods in nats, in at least float32.
+
     Example:
         >>> ll = log_likelihood(vp, denoise, x, key=jax.random.key(0), exact_divergence=False,
         ...                     n_probes=4)                                 # doctest: +SKIP
     """
-    x0 = jnp.asarray(x0)
+    x0, guard = solver_input(x0, "x0")
     if x0.ndim < 2:
         raise ValueError(f"x0 must be batched, shape (batch, ...); got shape {x0.shape}.")
     t_min = process.t_min if t_min is None else t_min
@@ -201,7 +246,7 @@ def log_likelihood(
     if not _use_exact(exact_divergence, math.prod(x0.shape[1:])):
         if key is None:
             raise ValueError("Hutchinson's estimator needs key=jax.random.key(seed).")
-        probes = sample_probes(key, x0, n_probes, probe)
+        probes = sample_probes(key, x0, n_probes, _probe_distribution(probe))
     rtol, atol = _array(rtol, x0), _array(atol, x0)
     controller = default_stepsize_controller(solver, stepsize_controller, dt0, rtol, atol)
     sol = dfx.diffeqsolve(
@@ -218,7 +263,7 @@ def log_likelihood(
     x_T, delta = sol.ys[0][-1], sol.ys[1][-1]
     ok = _check_solve(sol, max_steps)
     prior = process.prior_logp if prior_logp is None else prior_logp
-    return jnp.where(ok, prior(x_T) + delta, jnp.nan)
+    return guard.mask(jnp.where(ok, prior(x_T) + delta, jnp.nan))
 
 
 def _array(tol, x):
@@ -290,7 +335,9 @@ def bits_per_dim(
     """
     x = jnp.asarray(x)
     k_deq, k_ll = (None, None) if key is None else tuple(jax.random.split(key))
-    if jnp.issubdtype(x.dtype, jnp.integer) and key is None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        solver_input(x, "x")  # floats only: the dtype and non-finite rows, named as ``x``
+    elif key is None:
         raise ValueError("Integer data is dequantized with uniform noise: pass key=...")
     z = dequantize(x, key=k_deq, data_range=data_range, num_bins=num_bins)
     ll = log_likelihood(process, denoise, z, key=k_ll, **likelihood_kwargs)
