@@ -74,6 +74,30 @@ def check_batch(x, t, name="x"):
         )
 
 
+def check_like_x(out, x, who: str, hint: str = ""):
+    """Raise ``ValueError`` (at trace time) unless ``out`` has the shape of ``x``.
+
+    ``who`` names what returned ``out`` (it leads the message, e.g. ``"denoiser ..."``); both
+    shapes are in the message. Broadcasting, e.g. a ``(batch, 1)`` output for ``x`` of shape
+    ``(batch, d)``, is an error too: it would silently give a wrong answer.
+    """
+    if jnp.shape(out) != jnp.shape(x):
+        raise ValueError(
+            f"{who} returned shape {tuple(jnp.shape(out))} for x of shape "
+            f"{tuple(jnp.shape(x))}; it must return an array shaped like x.{hint}"
+        )
+    return out
+
+
+def in_dtype_of(y, *xs):
+    """``y`` cast to the dtype the arrays ``xs`` promote to.
+
+    Coefficients are computed in at least float32 (see :func:`as_time`); what multiplies ``x``
+    comes back in ``x``'s own dtype, so a bfloat16 ``x`` stays bfloat16.
+    """
+    return jnp.asarray(y).astype(jnp.result_type(*xs))
+
+
 def sum_except_batch(x):
     """Sum over every axis but the leading one."""
     return jnp.sum(x, axis=tuple(range(1, jnp.ndim(x))))

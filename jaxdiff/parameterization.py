@@ -29,7 +29,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax.numpy as jnp
 
-from jaxdiff._utils import as_time, bcast, check_batch
+from jaxdiff._utils import as_time, bcast, check_batch, check_like_x, in_dtype_of
 from jaxdiff.processes import Process, time_derivative
 
 __all__ = [
@@ -55,41 +55,51 @@ def _check_prediction(prediction: str, allowed=PREDICTIONS):
 
 
 def _coeffs(process: Process, x, t):
+    r""":math:`\alpha_t, \sigma_t` and their time derivatives, broadcast against ``x``."""
     t = as_time(t, x)
-    return t, bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    coeffs = (process.alpha(t), process.sigma(t))
+    coeffs += tuple(time_derivative(fn, t) for fn in (process.alpha, process.sigma))
+    return tuple(bcast(c, x) for c in coeffs)
 
 
 def to_x0(process: Process, prediction: str, x, t, out):
-    """Convert a network output of kind ``prediction`` at ``(x, t)`` into :math:`\\hat x_0`."""
+    r"""Convert a network output of kind ``prediction`` at ``(x, t)`` into :math:`\hat x_0`.
+
+    ``"eps"`` and ``"score"`` are the process's own conversions (``process.x0_from_eps``,
+    ``process.x0_from_score``); ``"v"`` and ``"flow"`` solve the 2x2 system
+    :math:`x = \alpha_t x_0 + \sigma_t\epsilon`, ``out`` = its combination.
+    """
     _check_prediction(prediction)
-    t, a, s = _coeffs(process, x, t)
     if prediction == "x0":
         return out
     if prediction == "eps":
-        return (x - s * out) / a
+        return process.x0_from_eps(x, out, t)
     if prediction == "score":
-        return (x + s**2 * out) / a
+        return process.x0_from_score(x, out, t)
+    a, s, da, ds = _coeffs(process, x, t)
     if prediction == "v":
-        return (a * x - s * out) / (a**2 + s**2)
-    da, ds = bcast(time_derivative(process.alpha, t), x), bcast(time_derivative(process.sigma, t), x)
-    return (ds * x - s * out) / (a * ds - s * da)  # flow: solve x = a x0 + s e, u = a' x0 + s' e
+        return in_dtype_of((a * x - s * out) / (a**2 + s**2), x, out)
+    return in_dtype_of((ds * x - s * out) / (a * ds - s * da), x, out)  # u = a' x0 + s' e
 
 
 def from_x0(process: Process, prediction: str, x, t, x0):
-    """Convert :math:`\\hat x_0` at ``(x, t)`` into the target of kind ``prediction``."""
+    r"""Convert :math:`\hat x_0` at ``(x, t)`` into the target of kind ``prediction``.
+
+    ``"eps"`` and ``"score"`` are ``process.eps_from_x0`` and ``process.score_from_x0``;
+    ``"v"`` = :math:`\alpha_t\hat\epsilon - \sigma_t\hat x_0`, ``"flow"`` =
+    :math:`\dot\alpha_t\hat x_0 + \dot\sigma_t\hat\epsilon`.
+    """
     _check_prediction(prediction)
-    t, a, s = _coeffs(process, x, t)
-    e = (x - a * x0) / s
     if prediction == "x0":
         return x0
+    if prediction == "score":
+        return process.score_from_x0(x, x0, t)
+    e = process.eps_from_x0(x, x0, t)
     if prediction == "eps":
         return e
-    if prediction == "score":
-        return -e / s
-    if prediction == "v":
-        return a * e - s * x0
-    da, ds = bcast(time_derivative(process.alpha, t), x), bcast(time_derivative(process.sigma, t), x)
-    return da * x0 + ds * e
+    a, s, da, ds = _coeffs(process, x, t)
+    target = a * e - s * x0 if prediction == "v" else da * x0 + ds * e
+    return in_dtype_of(target, x, x0)
 
 
 def convert(process: Process, x, t, out, *, source: str, target: str):
@@ -105,8 +115,7 @@ def edm_preconditioning(process: Process, t, sigma_data=0.5):
     :math:`c_{in} = 1/\sqrt{\tilde\sigma^2 + \sigma_d^2}`, :math:`c_{noise} = \tfrac14\log\tilde\sigma`.
     The denoiser is :math:`c_{skip}\,x/\alpha_t + c_{out} F(c_{in}\,x/\alpha_t, c_{noise})`.
     """
-    t = as_time(t)
-    sig = jnp.exp(-0.5 * process.log_snr(t))
+    sig = process.noise_level(t)
     norm = jnp.sqrt(sig**2 + sigma_data**2)
     return sigma_data**2 / norm**2, sig * sigma_data / norm, 1.0 / norm, 0.25 * jnp.log(sig)
 
@@ -115,7 +124,10 @@ class Denoiser(eqx.Module):
     """A network turned into a denoiser ``denoise(x, t) -> x0_hat``; an immutable pytree.
 
     Built by :func:`denoiser`. The network always receives a time of shape ``(batch,)``: ``t``
-    itself, or EDM's ``c_noise`` when ``prediction="edm"``.
+    itself, or EDM's ``c_noise`` when ``prediction="edm"`` (times and coefficients in at least
+    float32), and an input in the dtype of ``x``; ``x0_hat`` comes back in the dtype of ``x``.
+    A network output not shaped like ``x`` is a ``ValueError`` at trace time that names the
+    denoiser and both shapes (a ``(batch, 1)`` output never broadcasts silently).
     """
 
     apply_fn: Callable
@@ -126,12 +138,23 @@ class Denoiser(eqx.Module):
     def __call__(self, x, t):
         check_batch(x, t)
         t = jnp.broadcast_to(as_time(t, x), x.shape[:1])
-        if self.prediction == "edm":
-            c_skip, c_out, c_in, c_noise = edm_preconditioning(self.process, t, self.sigma_data)
-            xs = x / bcast(self.process.alpha(t), x)
-            out = self.apply_fn(bcast(c_in, x) * xs, c_noise)
-            return bcast(c_skip, x) * xs + bcast(c_out, x) * out
-        return to_x0(self.process, self.prediction, x, t, self.apply_fn(x, t))
+        if self.prediction != "edm":
+            return in_dtype_of(to_x0(self.process, self.prediction, x, t, self._net(x, t)), x)
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(self.process, t, self.sigma_data)
+        xs = x / bcast(self.process.alpha(t), x)
+        out = self._net(in_dtype_of(bcast(c_in, x) * xs, x), c_noise)
+        return in_dtype_of(bcast(c_skip, x) * xs + bcast(c_out, x) * out, x)
+
+    def _net(self, x, t):
+        """The network's output, checked at trace time to be shaped like its input."""
+        name = getattr(self.apply_fn, "__qualname__", type(self.apply_fn).__name__)
+        return check_like_x(
+            self.apply_fn(x, t),
+            x,
+            f"denoiser: the network {name} (prediction={self.prediction!r})",
+            " Check the network's output channels (an output of shape (batch, 1) would "
+            "broadcast silently).",
+        )
 
 
 def denoiser(apply_fn: Callable, process: Process, prediction: str = "eps", *, sigma_data=0.5):

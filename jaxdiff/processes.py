@@ -32,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from equinox import AbstractVar
 
-from jaxdiff._utils import as_time, bcast, check_time_range, is_concrete, sum_except_batch
+from jaxdiff._utils import (
+    as_time,
+    bcast,
+    check_time_range,
+    in_dtype_of,
+    is_concrete,
+    sum_except_batch,
+)
 
 __all__ = [
     "time_derivative",
@@ -88,19 +95,33 @@ class Process(eqx.Module):
         return self.t_from_log_snr(-2.0 * jnp.log(as_time(sigma_tilde)))
 
     def eps_from_x0(self, x, x0_hat, t):
-        r""":math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t` (``t`` scalar or ``(batch,)``)."""
-        t = as_time(t, x)
-        return (x - bcast(self.alpha(t), x) * x0_hat) / bcast(self.sigma(t), x)
+        r""":math:`\hat\epsilon = (x - \alpha_t\hat x_0)/\sigma_t` (``t`` scalar or ``(batch,)``).
+
+        Coefficients are computed in at least float32; the result has the dtype of ``x`` and
+        ``x0_hat`` (so a bfloat16 ``x`` stays bfloat16), as for every conversion below.
+        """
+        a, s = self._coeffs(x, t)
+        return in_dtype_of((x - a * x0_hat) / s, x, x0_hat)
 
     def x0_from_eps(self, x, eps_hat, t):
         r""":math:`\hat x_0 = (x - \sigma_t\hat\epsilon)/\alpha_t`."""
-        t = as_time(t, x)
-        return (x - bcast(self.sigma(t), x) * eps_hat) / bcast(self.alpha(t), x)
+        a, s = self._coeffs(x, t)
+        return in_dtype_of((x - s * eps_hat) / a, x, eps_hat)
 
     def score_from_x0(self, x, x0_hat, t):
         r"""Tweedie's formula: :math:`\nabla\log p_t(x) = (\alpha_t\hat x_0 - x)/\sigma_t^2`."""
+        a, s = self._coeffs(x, t)
+        return in_dtype_of((a * x0_hat - x) / s**2, x, x0_hat)
+
+    def x0_from_score(self, x, score, t):
+        r"""Tweedie's formula inverted: :math:`\hat x_0 = (x + \sigma_t^2\nabla\log p_t(x))/\alpha_t`."""
+        a, s = self._coeffs(x, t)
+        return in_dtype_of((x + s**2 * score) / a, x, score)
+
+    def _coeffs(self, x, t):
+        r""":math:`\alpha_t` and :math:`\sigma_t` broadcast against ``x`` (at least float32)."""
         t = as_time(t, x)
-        return (bcast(self.alpha(t), x) * x0_hat - x) / bcast(self.sigma(t) ** 2, x)
+        return bcast(self.alpha(t), x), bcast(self.sigma(t), x)
 
     # --- derived quantities -----------------------------------------------------------------
     def log_alpha(self, t):
@@ -152,15 +173,15 @@ class Process(eqx.Module):
         .. math:: \frac{dx}{dt} = \dot\alpha_t x_0 + \frac{\dot\sigma_t}{\sigma_t}(x - \alpha_t x_0)
         """
         t = as_time(t, x)
-        a, s = bcast(self.alpha(t), x), bcast(self.sigma(t), x)
+        a, s = self._coeffs(x, t)
         da = bcast(time_derivative(self.alpha, t), x)
         ds = bcast(time_derivative(self.sigma, t), x)
-        return da * x0 + ds / s * (x - a * x0)
+        return in_dtype_of(da * x0 + ds / s * (x - a * x0), x, x0)
 
     def marginal(self, x0, eps, t):
         r""":math:`\alpha_t x_0 + \sigma_t\epsilon` for given noise."""
-        t = as_time(t, x0)
-        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
+        a, s = self._coeffs(x0, t)
+        return in_dtype_of(a * x0 + s * eps, x0, eps)
 
     def sample_marginal(self, x0, t, *, key):
         r"""Draw :math:`x_t \sim p(x_t \mid x_0)`; returns ``(x_t, eps)``."""

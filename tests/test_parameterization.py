@@ -2,6 +2,7 @@
 preconditioning and the denoiser adapters, for every process."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxdiff import parameterization as P
-from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, RectifiedFlow, SubVP, VPCosine
 
-PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow(), DiscreteVP.linear()]
 IDS = [type(p).__name__ for p in PROCESSES]
 parametrize = pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 
@@ -160,3 +161,34 @@ def test_mismatched_time_shape_raises():
         denoise(X0, jnp.full((4,), 0.5))
     with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(batch,\)"):
         denoise(X0, jnp.full((5, 1), 0.5))
+
+
+@pytest.mark.parametrize("prediction", P.PREDICTIONS + ("edm",))
+@pytest.mark.parametrize("out_shape", [(5, 1), (3,), (5,), (5, 4)], ids=["B1", "d", "B", "Bd+1"])
+def test_denoiser_rejects_network_output_of_another_shape(prediction, out_shape):
+    # A (B, 1) output for x of shape (B, 3) would broadcast silently: it must be an error at trace
+    # time that names the denoiser and both shapes, eagerly and under jax.jit.
+    def net(x, t):
+        return jnp.zeros(out_shape, x.dtype)
+
+    denoise = P.denoiser(net, VP(), prediction)
+    pattern = rf"denoiser.*{re.escape(str(out_shape))}.*\(5, 3\)"
+    with pytest.raises(ValueError, match=pattern):
+        denoise(X0, 0.5)
+    with pytest.raises(ValueError, match=pattern):
+        jax.jit(denoise)(X0, jnp.full((5,), 0.5))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_x_keeps_its_dtype(dtype):
+    # Coefficients are computed in float32; what comes back has the dtype of x.
+    x = X0.astype(dtype)
+    for prediction in P.PREDICTIONS + ("edm",):
+        out = P.denoiser(linear_net, VP(), prediction)(x, 0.3)
+        assert out.dtype == dtype, prediction
+        ref = P.denoiser(linear_net, VP(), prediction)(x.astype(jnp.float32), 0.3)
+        np.testing.assert_allclose(
+            out.astype(np.float32), ref, rtol=0.05, atol=0.05, err_msg=prediction
+        )
+        for target in P.PREDICTIONS:
+            assert P.from_x0(VP(), target, x, 0.3, x).dtype == dtype, target

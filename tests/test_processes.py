@@ -379,3 +379,41 @@ def test_discrete_equal_tables_compare_and_hash_equal_and_never_recompile():
     assert len(traces) == 1
     # and it passes through jax.jit as an argument
     np.testing.assert_allclose(jax.jit(lambda p, t: p.sigma(t))(a, 0.3), a.sigma(0.3), rtol=1e-14)
+
+
+@parametrize
+def test_conversions_written_once_on_the_process(process):
+    # At x = alpha x0 + sigma eps: each conversion recovers what it should, from its definition.
+    t = jnp.linspace(process.t_min, process.t_max, 6)[1:-1]
+    x0, eps = X0, EPS
+    x = process.marginal(x0, eps, t)
+    s = np.asarray(process.sigma(t))[:, None]
+    np.testing.assert_allclose(process.eps_from_x0(x, x0, t), eps, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(process.x0_from_eps(x, eps, t), x0, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(process.score_from_x0(x, x0, t), -eps / s, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(process.x0_from_score(x, -eps / s, t), x0, rtol=1e-8, atol=1e-10)
+    sig = process.noise_level(t)
+    np.testing.assert_allclose(sig, process.sigma(t) / process.alpha(t), rtol=1e-14)
+    np.testing.assert_allclose(sig, np.exp(-0.5 * process.log_snr(t)), rtol=1e-10)
+    np.testing.assert_allclose(process.t_from_noise_level(sig), t, rtol=1e-10)
+    # A scalar t serves the whole batch.
+    np.testing.assert_allclose(
+        process.eps_from_x0(x, x0, t[1]), (x - process.alpha(t[1]) * x0) / process.sigma(t[1])
+    )
+
+
+@parametrize
+def test_conversions_keep_the_dtype_of_x(process):
+    t = 0.5 * process.t_max
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        x, x0 = X0.astype(dtype), (0.5 * X0).astype(dtype)
+        outs = [process.eps_from_x0(x, x0, t), process.x0_from_eps(x, x0, t)]
+        outs += [process.score_from_x0(x, x0, t), process.x0_from_score(x, x0, t)]
+        outs += [process.marginal(x0, x, t), process.conditional_velocity(x, x0, t)]
+        assert all(o.dtype == dtype for o in outs), dtype
+        assert all(np.all(np.isfinite(np.asarray(o, np.float32))) for o in outs), dtype
+
+
+def test_process_is_abstract():
+    with pytest.raises(TypeError):
+        Process()
