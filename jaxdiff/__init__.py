@@ -3,10 +3,12 @@
 Two flows: process -> loss -> train step -> checkpoint, and
 network -> denoiser -> sampler (scan) or SDE/ODE (diffrax) -> samples.
 
-The core (processes, parameterization, losses, analytic, schedules, samplers, sde, guidance,
-likelihood, editing, geometry, metrics) needs only jax, diffrax and numpy and is imported here.
+The core (processes, parameterization, losses, analytic, schedules, fitted_grids, samplers, sde,
+guidance, likelihood, editing, geometry, metrics) needs only jax, diffrax and numpy and is
+imported here.
 The training side (``nets``, ``training``, ``data``, ``checkpoint``: Flax, optax, orbax, grain)
-is imported on first access, so ``import jaxdiff`` stays light for users with their own models.
+and the FID network (``inception``) are imported on first access, so ``import jaxdiff`` stays
+light for users with their own models.
 """
 
 import importlib
@@ -14,6 +16,7 @@ import importlib
 from jaxdiff import (
     analytic,
     editing,
+    fitted_grids,
     geometry,
     guidance,
     likelihood,
@@ -36,6 +39,7 @@ _LAZY = ("nets", "training", "data", "checkpoint", "inception")
 __all__ = [
     "analytic",
     "editing",
+    "fitted_grids",
     "geometry",
     "guidance",
     "likelihood",

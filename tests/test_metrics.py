@@ -1,11 +1,16 @@
 """Metrics against closed forms: sliced Wasserstein under a translation, MMD between Gaussians,
-the Frechet distance of diagonal Gaussians, and a feature classifier trained on digits."""
+the Frechet distance of diagonal Gaussians, and the classifier metrics with the feature
+classifier of experiments.classifier trained on digits; ``import jaxdiff`` stays light."""
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import classifier as judges
 from jaxdiff import metrics
 
 KEY = jax.random.key(0)
@@ -123,7 +128,7 @@ def test_gaussian_stats_and_bad_shapes():
 # --- the feature classifier --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_split():
-    x, y = metrics.digits_data()
+    x, y = judges.digits_data()
     perm = np.random.default_rng(0).permutation(len(x))
     return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
 
@@ -132,7 +137,7 @@ def digits_split():
 def classifier(digits_split, tmp_path_factory):
     x, y, _, _ = digits_split
     cache = tmp_path_factory.mktemp("cache")
-    clf = metrics.feature_classifier(
+    clf = judges.feature_classifier(
         x, y, name="digits-test", cache_dir=cache, steps=400, batch_size=128
     )
     return clf, cache
@@ -152,7 +157,7 @@ def test_feature_classifier_is_cached_on_disk(digits_split, classifier):
     clf, cache = classifier
     files = list(cache.glob("classifier-digits-test-*.npz"))
     assert len(files) == 1
-    again = metrics.feature_classifier(
+    again = judges.feature_classifier(
         x, y, name="digits-test", cache_dir=cache, steps=400, batch_size=128
     )
     np.testing.assert_array_equal(again.logits(x_te), clf.logits(x_te))
@@ -178,3 +183,34 @@ def test_fid_inception_needs_local_weights(tmp_path):
     weights.write_bytes(b"0")
     with pytest.raises(ValueError, match="n >= 2"):  # images are checked before weights load
         metrics.fid_inception(x, x, weights)
+
+
+# --- what ``import jaxdiff`` loads -------------------------------------------------------------
+def test_import_jaxdiff_leaves_heavy_modules_unloaded():
+    # the FID network, sklearn, torch and the training stack load on first use only
+    heavy = ["jaxdiff.inception", "sklearn", "torch", "flax", "optax", "orbax", "experiments"]
+    code = (
+        "import sys, jaxdiff\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "jaxdiff.inception\n"
+        "print('jaxdiff.inception' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True"], out.stdout + out.stderr
+
+
+def test_moved_classifier_names_still_resolve_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="experiments.classifier.digits_data"):
+        digits_data = metrics.digits_data
+    assert digits_data is judges.digits_data
+    with pytest.warns(DeprecationWarning, match="moved to experiments.classifier"):
+        assert metrics.FeatureClassifier is judges.FeatureClassifier
+    with pytest.raises(AttributeError, match="no attribute 'train'"):
+        metrics.train  # noqa: B018
+
+
+def test_digits_data_is_the_data_module_digits_flattened():
+    x, y = judges.digits_data()
+    assert x.shape == (1797, 64) and x.dtype == np.float32 and y.shape == (1797,)
+    assert set(np.unique(x)) == {k / 8 - 1 for k in range(17)}
+    assert sorted(set(y.tolist())) == list(range(10))
