@@ -98,6 +98,25 @@ def in_dtype_of(y, *xs):
     return jnp.asarray(y).astype(jnp.result_type(*xs))
 
 
+def tree_hash(tree) -> int:
+    """A hash of a pytree that reads array leaves by value (shape, dtype and bytes).
+
+    ``eqx.Module``s with array leaves are not hashable by default; configuration objects whose
+    numbers are array leaves (traced under ``jax.jit``, so new values never recompile) define
+    ``__hash__ = tree_hash`` so that equal settings hash equal. Needs concrete arrays: do not
+    hash under a trace.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return hash((treedef, tuple(_leaf_key(leaf) for leaf in leaves)))
+
+
+def _leaf_key(leaf):
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        a = np.asarray(leaf)
+        return a.shape, str(a.dtype), a.tobytes()
+    return leaf
+
+
 def sum_except_batch(x):
     """Sum over every axis but the leading one."""
     return jnp.sum(x, axis=tuple(range(1, jnp.ndim(x))))

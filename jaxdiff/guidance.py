@@ -44,13 +44,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import as_time, bcast, check_batch, is_concrete
+from jaxdiff._utils import as_time, bcast, check_batch, is_concrete, tree_hash
 from jaxdiff.processes import Process
 
 __all__ = [
@@ -115,17 +116,35 @@ def _times(x, t):
 
 
 def _scale_at(scale, interval, x, t):
-    """Per-example guidance weight: ``scale`` inside the interval, 1 (conditional) outside."""
+    """Per-example guidance weight: ``scale`` inside the interval, 1 (conditional) outside.
+
+    Checks at trace time that ``t`` and a per-example ``scale`` match the batch of ``x``.
+    """
+    t = _times(x, t)
+    if scale.ndim == 1 and scale.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"scale must be a scalar or have shape (batch,) = ({x.shape[0]},) matching "
+            f"x.shape={x.shape}; got scale.shape={scale.shape}."
+        )
     w = jnp.broadcast_to(scale.astype(x.dtype), x.shape[:1])
     if interval is None:
         return w
-    t = _times(x, t)
     inside = (t >= interval[0].astype(t.dtype)) & (t <= interval[1].astype(t.dtype))
     return jnp.where(inside, w, jnp.ones_like(w))
 
 
+class _Transform(eqx.Module):
+    """Base of the denoiser transforms: equal settings compare and hash equal.
+
+    Numbers (scales, interval ends, thresholds) are array leaves, converted on construction, so
+    ``eqx.filter_jit`` (``jaxdiff.sample``) traces them: a new value never recompiles.
+    """
+
+    __hash__ = tree_hash
+
+
 # --- classifier-free guidance ------------------------------------------------------------------
-class ClassifierFree(eqx.Module):
+class ClassifierFree(_Transform):
     r"""Classifier-free guided denoiser :math:`\hat x_0^u + w(\hat x_0^c - \hat x_0^u)`.
 
     Built by :func:`classifier_free`; ``scale`` is an array leaf (traced, no recompilation).
@@ -133,13 +152,17 @@ class ClassifierFree(eqx.Module):
 
     denoise_cond: Callable
     denoise_uncond: Callable
-    scale: jax.Array
-    interval: tuple[jax.Array, jax.Array] | None = None
+    scale: jax.Array = eqx.field(converter=_as_scale)
+    interval: tuple[jax.Array, jax.Array] | None = eqx.field(converter=_as_interval, default=None)
 
     def __call__(self, x, t):
-        x0_c, x0_u = self.denoise_cond(x, t), self.denoise_uncond(x, t)
         w = _scale_at(self.scale, self.interval, x, t)
-        return x0_u + bcast(w, x) * (x0_c - x0_u)
+        return _combine(self.denoise_cond(x, t), self.denoise_uncond(x, t), w)
+
+
+def _combine(x0_c, x0_u, w):
+    r""":math:`\hat x_0^u + w(\hat x_0^c - \hat x_0^u)` with a per-example ``w``."""
+    return x0_u + bcast(w, x0_u) * (x0_c - x0_u)
 
 
 def classifier_free(
@@ -165,10 +188,10 @@ def classifier_free(
     """
     _check_callable(denoise_cond, "denoise_cond")
     _check_callable(denoise_uncond, "denoise_uncond")
-    return ClassifierFree(denoise_cond, denoise_uncond, _as_scale(scale), _as_interval(interval))
+    return ClassifierFree(denoise_cond, denoise_uncond, scale, interval)
 
 
-class ClassifierFreeLabels(eqx.Module):
+class ClassifierFreeLabels(_Transform):
     r"""Classifier-free guidance of a label-conditional denoiser, one batched call per step.
 
     Built by :func:`classifier_free_labels`: evaluates ``denoise_y`` once on the doubled batch
@@ -176,20 +199,19 @@ class ClassifierFreeLabels(eqx.Module):
     """
 
     denoise_y: Callable
-    y: jax.Array
-    null_label: jax.Array
-    scale: jax.Array
-    interval: tuple[jax.Array, jax.Array] | None = None
+    y: jax.Array = eqx.field(converter=jnp.asarray)
+    null_label: jax.Array = eqx.field(converter=jnp.asarray)
+    scale: jax.Array = eqx.field(converter=_as_scale)
+    interval: tuple[jax.Array, jax.Array] | None = eqx.field(converter=_as_interval, default=None)
 
     def __call__(self, x, t):
         b = x.shape[0]
+        w = _scale_at(self.scale, self.interval, x, t)
         t2 = jnp.concatenate([_times(x, t)] * 2)
         y = jnp.broadcast_to(self.y, (b,) + self.y.shape[1:])
         labels = jnp.concatenate([y, jnp.broadcast_to(self.null_label, y.shape).astype(y.dtype)])
         x0 = self.denoise_y(jnp.concatenate([x, x]), t2, labels)
-        x0_c, x0_u = x0[:b], x0[b:]
-        w = _scale_at(self.scale, self.interval, x, t)
-        return x0_u + bcast(w, x) * (x0_c - x0_u)
+        return _combine(x0[:b], x0[b:], w)
 
 
 def classifier_free_labels(
@@ -211,11 +233,11 @@ def classifier_free_labels(
     if y.ndim > 1:
         raise ValueError(f"y must be a scalar label or have shape (batch,); got shape {y.shape}.")
     null = jnp.asarray(null_label, y.dtype)
-    return ClassifierFreeLabels(denoise_y, y, null, _as_scale(scale), _as_interval(interval))
+    return ClassifierFreeLabels(denoise_y, y, null, scale, interval)
 
 
 # --- classifier guidance -----------------------------------------------------------------------
-class ClassifierGuidance(eqx.Module):
+class ClassifierGuidance(_Transform):
     r"""Classifier-guided denoiser :math:`\hat x_0 + w\,\sigma_t^2/\alpha_t\,\nabla_x\log p_t(y\mid x)`.
 
     Built by :func:`classifier`; ``scale`` is an array leaf (traced, no recompilation).
@@ -224,7 +246,7 @@ class ClassifierGuidance(eqx.Module):
     process: Process
     denoise: Callable
     log_prob: Callable
-    scale: jax.Array
+    scale: jax.Array = eqx.field(converter=_as_scale)
 
     def grad_log_prob(self, x, t):
         r""":math:`\nabla_x\log p_t(y\mid x)` per example (the gradient of the batch sum)."""
@@ -241,11 +263,11 @@ class ClassifierGuidance(eqx.Module):
         return jax.grad(total)(x)
 
     def __call__(self, x, t):
-        ts = _times(x, t)
-        a, s = bcast(self.process.alpha(ts), x), bcast(self.process.sigma(ts), x)
-        w = bcast(jnp.broadcast_to(self.scale.astype(x.dtype), x.shape[:1]), x)
+        # the guided score s + w grad log p(y|x), turned back into a denoiser by Tweedie's formula
+        w = bcast(_scale_at(self.scale, None, x, t), x)
         x0 = self.denoise(x, t)
-        return (x0 + w * s**2 / a * self.grad_log_prob(x, t)).astype(x0.dtype)
+        score = self.process.score_from_x0(x, x0, t) + w * self.grad_log_prob(x, t)
+        return self.process.x0_from_score(x, score, t).astype(x0.dtype)
 
 
 def classifier(
@@ -275,10 +297,10 @@ def classifier(
         raise TypeError(f"process must be a jaxdiff Process (e.g. jaxdiff.VP()); got {process!r}.")
     _check_callable(denoise, "denoise")
     _check_callable(log_prob, "log_prob")
-    return ClassifierGuidance(process, denoise, log_prob, _as_scale(scale))
+    return ClassifierGuidance(process, denoise, log_prob, scale)
 
 
-class LogitsLogProb(eqx.Module):
+class LogitsLogProb(_Transform):
     r""":math:`\log p_t(y\mid x) = \mathrm{log\_softmax}(\mathrm{logits}(x, t))_y` per example."""
 
     logits_fn: Callable
@@ -310,12 +332,12 @@ def _flat_abs(x):
     return jnp.abs(x).reshape(x.shape[0], -1)
 
 
-class DynamicThreshold(eqx.Module):
+class DynamicThreshold(_Transform):
     r"""Dynamic thresholding of :math:`\hat x_0` (Imagen); built by :func:`dynamic_threshold`."""
 
     denoise: Callable
-    percentile: jax.Array
-    max_value: jax.Array
+    percentile: jax.Array = eqx.field(converter=functools.partial(_as_array, name="percentile"))
+    max_value: jax.Array = eqx.field(converter=functools.partial(_as_array, name="max_value"))
 
     def __call__(self, x, t):
         x0 = self.denoise(x, t)
@@ -340,16 +362,14 @@ def dynamic_threshold(denoise: Callable, percentile=0.995, max_value=1.0) -> Dyn
         raise ValueError(f"percentile must lie in (0, 1] (a quantile, 0.995); got {percentile}.")
     if is_concrete(max_value) and not float(max_value) > 0:
         raise ValueError(f"max_value must be positive (the data range bound); got {max_value}.")
-    return DynamicThreshold(
-        denoise, _as_array(percentile, "percentile"), _as_array(max_value, "max_value")
-    )
+    return DynamicThreshold(denoise, percentile, max_value)
 
 
-class StaticThreshold(eqx.Module):
+class StaticThreshold(_Transform):
     r"""Static thresholding :math:`\mathrm{clip}(\hat x_0, -m, m)`; built by :func:`static_threshold`."""
 
     denoise: Callable
-    max_value: jax.Array
+    max_value: jax.Array = eqx.field(converter=functools.partial(_as_array, name="max_value"))
 
     def __call__(self, x, t):
         x0 = self.denoise(x, t)
@@ -363,4 +383,4 @@ def static_threshold(denoise: Callable, max_value=1.0) -> StaticThreshold:
     _check_callable(denoise, "denoise")
     if is_concrete(max_value) and not float(max_value) > 0:
         raise ValueError(f"max_value must be positive (the data range bound); got {max_value}.")
-    return StaticThreshold(denoise, _as_array(max_value, "max_value"))
+    return StaticThreshold(denoise, max_value)

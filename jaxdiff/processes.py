@@ -39,6 +39,7 @@ from jaxdiff._utils import (
     in_dtype_of,
     is_concrete,
     sum_except_batch,
+    tree_hash,
 )
 
 __all__ = [
@@ -519,8 +520,7 @@ class DiscreteVP(Process):
             bad = b[(b <= 0) | (b >= 1)]
             _require(bad.size == 0, f"betas must lie in (0, 1); got values {bad[:5]}.")
 
-    def __hash__(self):
-        return hash((type(self), str(self.betas.dtype), np.asarray(self.betas).tobytes()))
+    __hash__ = tree_hash
 
     # --- the standard tables ----------------------------------------------------------------
     @classmethod

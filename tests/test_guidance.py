@@ -15,9 +15,9 @@ import pytest
 import jaxdiff
 from jaxdiff import guidance, schedules
 from jaxdiff.analytic import GaussianMixture
-from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, RectifiedFlow, SubVP, VPCosine
 
-PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow(), DiscreteVP.linear()]
 parametrize = pytest.mark.parametrize("process", PROCESSES, ids=lambda p: type(p).__name__)
 
 MIX = GaussianMixture(
@@ -333,3 +333,80 @@ def test_bad_inputs_raise_clear_errors():
     bad = guidance.classifier(process, d, lambda x, t: jnp.sum(x), 1.0)
     with pytest.raises(ValueError, match=r"must return shape \(batch,\)"):
         bad(jnp.zeros((3, 2)), 0.5)
+
+
+def test_times_and_scales_of_the_wrong_length_name_the_argument():
+    process = VP()
+    d = MIX.denoiser(process)
+    x = jnp.zeros((3, 2))
+    lp = ExactLogProb(process, jnp.zeros(3, int))
+    transforms = {
+        "cfg": guidance.classifier_free(d, d, 2.0),
+        "cfg_interval": guidance.classifier_free(d, d, 2.0, interval=(0.1, 0.5)),
+        "classifier": guidance.classifier(process, d, lp, 2.0),
+        "labels": guidance.classifier_free_labels(
+            LabelDenoiser(process), jnp.zeros(3, int), 2.0, null_label=K
+        ),
+        "logits": guidance.log_prob_from_logits(lambda x, t: x, 0),
+    }
+    for name, f in transforms.items():
+        for t in (jnp.full((4,), 0.5), jnp.full((3, 1), 0.5)):
+            with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(batch,\)"):
+                f(x, t)
+            with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(batch,\)"):
+                jax.jit(f)(x, t)
+        assert f(x, jnp.full((3,), 0.5)).shape == f(x, 0.5).shape, name
+    wrong_scale = {
+        "cfg": guidance.classifier_free(d, d, jnp.ones(4)),
+        "classifier": guidance.classifier(process, d, lp, jnp.ones(4)),
+        "labels": guidance.classifier_free_labels(
+            LabelDenoiser(process), jnp.zeros(3, int), jnp.ones(4), null_label=K
+        ),
+    }
+    for f in wrong_scale.values():
+        with pytest.raises(
+            ValueError, match=r"scale must be a scalar or have shape \(batch,\) = \(3,\)"
+        ):
+            f(x, 0.5)
+
+
+def test_equal_transforms_compare_and_hash_equal():
+    process = VP()
+    d, lp = MIX.denoiser(process), ExactLogProb(process, jnp.zeros(3, int))
+    builds = {
+        "cfg": lambda w: guidance.classifier_free(d, d, w, interval=(0.1, 0.5)),
+        "classifier": lambda w: guidance.classifier(process, d, lp, w),
+        "labels": lambda w: guidance.classifier_free_labels(
+            LabelDenoiser(process), jnp.arange(3), w, null_label=K
+        ),
+        "dynamic": lambda w: guidance.dynamic_threshold(d, 0.9, w),
+        "static": lambda w: guidance.static_threshold(d, w),
+    }
+    for name, build in builds.items():
+        a, b, c = build(2.0), build(jnp.asarray(2.0)), build(3.0)
+        assert bool(a == b) and hash(a) == hash(b), name
+        assert not bool(a == c) and hash(a) != hash(c), name
+    # Built directly, a Python float scale becomes an array leaf too (traced, not static).
+    direct = guidance.ClassifierFree(d, d, 2.0, (0.1, 0.5))
+    assert isinstance(direct.scale, jax.Array) and isinstance(direct.interval[0], jax.Array)
+    assert bool(direct == builds["cfg"](2.0)) and hash(direct) == hash(builds["cfg"](2.0))
+    assert isinstance(guidance.ClassifierGuidance(process, d, lp, 1.5).scale, jax.Array)
+
+
+def test_directly_built_transforms_with_new_scales_compile_once():
+    process = VP()
+    d = MIX.denoiser(process)
+    traces = []
+
+    @eqx.filter_jit
+    def run(denoise, x, t):
+        traces.append(None)
+        return denoise(x, t)
+
+    x = jnp.ones((3, 2))
+    outs = [
+        run(guidance.ClassifierFree(d, MIX.component(0).denoiser(process), w), x, 0.5)
+        for w in (1.0, 2.0, 3)
+    ]
+    assert len(traces) == 1
+    assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) > 1e-3
