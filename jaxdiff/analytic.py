@@ -31,14 +31,19 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import as_time, bcast
+from jaxdiff._utils import as_time, check_batch
 from jaxdiff.processes import Process
 
 __all__ = ["Gaussian", "GaussianMixture", "Empirical", "mean_shift"]
 
 
 def _per_example(process: Process, x, t):
-    """``alpha_t`` and ``sigma_t`` as arrays of shape ``(batch,)``."""
+    """``alpha_t`` and ``sigma_t`` as arrays of shape ``(batch,)``.
+
+    Every method of the targets goes through here: a ``t`` that is neither a scalar nor of
+    shape ``(batch,)`` is a ``ValueError`` naming ``t`` (never a silent broadcast).
+    """
+    check_batch(x, t)
     t = jnp.broadcast_to(as_time(t, x), x.shape[:1])
     return process.alpha(t), process.sigma(t)
 
@@ -61,9 +66,8 @@ class _Target(eqx.Module):
         return _Bound(self, process, "score_at")
 
     def score_at(self, process: Process, x, t):
-        a, s = _per_example(process, x, t)
-        x0 = self.posterior_mean(process, x, t)
-        return (bcast(a, x) * x0 - x) / bcast(s, x) ** 2
+        """Tweedie's formula ``process.score_from_x0`` applied to :meth:`posterior_mean`."""
+        return process.score_from_x0(x, self.posterior_mean(process, x, t), t)
 
 
 class _Bound(eqx.Module):

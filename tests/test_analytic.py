@@ -9,9 +9,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
 from jaxdiff.analytic import Empirical, Gaussian, GaussianMixture, mean_shift
-from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, RectifiedFlow, SubVP, VPCosine
 
-PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow(), DiscreteVP.linear()]
 IDS = [type(p).__name__ for p in PROCESSES]
 parametrize = pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 
@@ -177,3 +177,27 @@ def test_bad_shapes_raise():
         GaussianMixture(jnp.zeros((3, 2)), jnp.ones(3), jnp.ones(2))
     with pytest.raises(ValueError, match="data must have shape"):
         Empirical(jnp.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "target", [GAUSSIAN, MIX_ISO, EMPIRICAL], ids=["gaussian", "mixture", "empirical"]
+)
+def test_time_of_the_wrong_length_names_t(target):
+    process, x = VP(), jnp.zeros((4, 3))
+    calls = {
+        "denoiser": lambda t: target.denoiser(process)(x, t),
+        "score": lambda t: target.score(process)(x, t),
+        "logp": lambda t: target.logp(process, x, t),
+    }
+    for name, call in calls.items():
+        assert call(jnp.full((4,), 0.5)).shape[:1] == (4,), name
+        for t in (jnp.full((3,), 0.5), jnp.full((4, 1), 0.5), jnp.full((1,), 0.5)):
+            with pytest.raises(
+                ValueError, match=r"t must be a scalar or have shape \(batch,\) = \(4,\)"
+            ):
+                call(t)
+            with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(batch,\)"):
+                jax.jit(call)(t)
+    if isinstance(target, GaussianMixture):
+        with pytest.raises(ValueError, match="t must be a scalar"):
+            target.class_log_prob(process, x, jnp.full((2,), 0.5), jnp.zeros(4, int))
