@@ -38,9 +38,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import as_time, bcast
+from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
 from jaxdiff.samplers import Sampler, check_grid, ddim, heun, sample
+from jaxdiff.samplers.base import grid_dtype
 from jaxdiff.schedules import append_zero, check_steps, karras, log_snr_uniform, polynomial, uniform
 
 __all__ = [
@@ -54,11 +55,6 @@ __all__ = [
     "optimize",
     "grid_loss",
 ]
-
-
-def _time_dtype(x):
-    """Times in the dtype of ``x``, never narrower than float32."""
-    return as_time(0.0, x).dtype
 
 
 def _process_of(sampler):
@@ -98,7 +94,7 @@ def fine_trajectory(process: Process, denoise, x_T, ts, *, teacher=None, refine:
     """
     if not isinstance(refine, int) or refine < 1:
         raise ValueError(f"refine must be a positive int; got {refine!r}.")
-    ts = as_time(ts, x_T)
+    ts = jnp.asarray(ts, grid_dtype(x_T))
     if float(ts[-1]) != 0.0:
         raise ValueError("ts must end with 0 (the teacher's sample); build it with a schedule.")
     teacher = heun(process) if teacher is None else teacher
@@ -182,11 +178,11 @@ def _costs(sampler, denoise, traj, ts):
     r"""``C[i, j]``: mean distance, in EDM coordinates :math:`\tilde x = x/\alpha_t`, of one
     ``sampler`` step from the teacher at ``ts[i]`` to ``ts[j]`` from the teacher at ``ts[j]``.
 
-    The step into the final 0 returns the denoiser's output (the engine's last step). Only
+    The step into the final 0 is the sampler's ``final`` (the engine's last step). Only
     ``j > i`` is used; the denoiser call at ``(x_i, t_i)`` is shared by a whole row (``vmap``
     over ``t_j`` does not batch what does not depend on it).
     """
-    process = sampler.process
+    process, key = sampler.process, jax.random.key(0)
     scaled = traj / bcast(process.alpha(ts), traj)
 
     def row(args):
@@ -194,11 +190,12 @@ def _costs(sampler, denoise, traj, ts):
 
         def to(tj):
             grid = jnp.stack([ti, tj])
-            out = sampler.step(denoise, xi, sampler.init(xi, grid), grid, 0, jax.random.key(0))
+            out = sampler.step(denoise, xi, sampler.init(xi, grid), grid, 0, key)
             return out[0] / process.alpha(tj)
 
         err = jax.vmap(to)(ts[:-1]) - scaled[:-1]
-        last = denoise(xi, ti) - traj[-1]
+        into_zero = jnp.stack([ti, jnp.zeros_like(ti)])
+        last = sampler.final(denoise, xi, sampler.init(xi, into_zero), into_zero, key) - traj[-1]
         err = jnp.concatenate([err, last[None]])
         return jnp.mean(jnp.sqrt(jnp.sum(err.reshape(err.shape[:2] + (-1,)) ** 2, -1)), -1)
 
@@ -304,7 +301,7 @@ def step_costs(
         process = _process_of(sampler)
     weigh = _error_fn(error)
     x_T = jnp.asarray(x_T)
-    fine = _fine_grid(process, fine_steps, fine_grid, _time_dtype(x_T))
+    fine = _fine_grid(process, fine_steps, fine_grid, grid_dtype(x_T))
     traj = fine_trajectory(process, denoise, x_T, fine, teacher=teacher, refine=refine)
     costs = _costs(ddim(process) if sampler is None else sampler, denoise, traj, fine)
     return StepCosts(fine, costs * weigh(process, fine, traj))
@@ -354,7 +351,7 @@ def gits(
     ns = _step_counts(n)
     weigh = _error_fn(error)
     process = process if sampler is None else _process_of(sampler)
-    fine = _fine_grid(process, fine_steps, fine_grid, _time_dtype(x_T))
+    fine = _fine_grid(process, fine_steps, fine_grid, grid_dtype(x_T))
     for k in ns:  # fail before the teacher solve
         _check_fits(k, fine.shape[0], pin_t_min)
     kwargs = dict(sampler=sampler, teacher=teacher, refine=refine, error=weigh)
@@ -439,7 +436,7 @@ def _logits_from_grid(process: Process, ts, n: int, pin_t_min: bool, dtype):
 def _targets(process: Process, denoise, x_T, teacher, fine_steps, refine):
     """The teacher's samples from ``x_T``: given, or by :func:`fine_trajectory`."""
     if teacher is None or isinstance(teacher, Sampler):
-        fine = log_snr_uniform(process, fine_steps, dtype=_time_dtype(x_T))
+        fine = log_snr_uniform(process, fine_steps, dtype=grid_dtype(x_T))
         return fine_trajectory(process, denoise, x_T, fine, teacher=teacher, refine=refine)[-1]
     targets = jnp.asarray(teacher, jnp.result_type(x_T))
     if targets.shape != x_T.shape:
@@ -471,7 +468,7 @@ def grid_loss(sampler: Sampler, denoise, x_T, targets, key, n: int, pin_t_min: b
     ``jaxdiff.sample`` is differentiated; its last step into 0 only evaluates the denoiser.
     """
     process = _process_of(sampler)
-    dtype = _time_dtype(x_T)
+    dtype = grid_dtype(x_T)
 
     def loss(theta):
         ts = _grid_from_logits(process, theta, n, pin_t_min, dtype)
@@ -581,7 +578,7 @@ def optimize(
     check_steps(n)
     process = _process_of(sampler)
     x_T = jnp.asarray(x_T)
-    dtype = _time_dtype(x_T)
+    dtype = grid_dtype(x_T)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int; got {steps!r}.")
     if not isinstance(starts, int) or starts < 1:
