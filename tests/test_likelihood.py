@@ -148,6 +148,21 @@ def test_hutchinson_log_likelihood_matches_exact_within_standard_error(probe):
     assert np.all(se > 0)  # the estimates do vary
 
 
+def test_probes_are_distributions_and_names_are_deprecated_aliases():
+    # A probe is a function (key, shape, dtype); the old names give the very same probes.
+    x, key = jnp.zeros((3, 5)), jax.random.key(11)
+    for name, fn in [("rademacher", jax.random.rademacher), ("gaussian", jax.random.normal)]:
+        probes = sample_probes(key, x, 4, fn)
+        assert probes.shape == (3, 4, 5) and probes.dtype == x.dtype
+        with pytest.warns(DeprecationWarning, match=f"probe='{name}' is deprecated"):
+            np.testing.assert_array_equal(sample_probes(key, x, 4, name), probes)
+    np.testing.assert_array_equal(
+        sample_probes(key, x, 4), sample_probes(key, x, 4, jax.random.rademacher)
+    )
+    with pytest.raises(TypeError, match="probe must be a function"):
+        sample_probes(key, x, 4, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # Bits per dimension
 # --------------------------------------------------------------------------------------------
@@ -175,6 +190,50 @@ def test_dequantize_without_key_uses_bin_centres():
     k = jnp.array([[0, 255], [128, 7]], dtype=jnp.uint8)
     z = dequantize(k)
     np.testing.assert_allclose(z, -1 + 2 * (np.asarray(k, float) + 0.5) / 256)
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes and non-finite input
+# --------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_data_is_integrated_in_float32():
+    # The bf16 values, integrated in float32: the same numbers as their float32 copy, float32
+    # log-likelihoods (with the default prior), within the float32 solve's error of the exact
+    # density of those values (with the exact prior; one compiled solve for all three).
+    x = GAUSS.sample(B, key=jax.random.key(12)).astype(jnp.bfloat16)
+    den = GAUSS.denoiser(VP_)
+    ll = log_likelihood(VP_, den, x)
+    assert ll.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(ll)))
+    np.testing.assert_array_equal(ll, log_likelihood(VP_, den, x.astype(jnp.float32)))
+    exact = log_likelihood(VP_, den, x, prior_logp=exact_prior(GAUSS, VP_))
+    np.testing.assert_allclose(exact, GAUSS.logp(VP_, x.astype(jnp.float64), VP_.t_min), atol=1e-3)
+
+
+def test_integer_and_boolean_data_are_type_errors():
+    den = GAUSS.denoiser(VP_)
+    with pytest.raises(TypeError, match=r"x0 must be a real floating-point.*int32"):
+        log_likelihood(VP_, den, jnp.zeros((4, 2), jnp.int32))
+    with pytest.raises(TypeError, match=r"x must be a real floating-point.*bool"):
+        bits_per_dim(VP_, den, jnp.zeros((4, 2), bool))
+
+
+def test_non_finite_rows_are_named_eagerly_and_isolated_under_jit():
+    den, prior = GAUSS.denoiser(VP_), exact_prior(GAUSS, VP_)
+    x = GAUSS.sample(4, key=jax.random.key(13)).at[2, 1].set(jnp.nan)
+    with pytest.raises(
+        ValueError, match=r"x0 is not finite \(NaN or inf\) in 1 row\(s\): \[2\]"
+    ) as e:
+        log_likelihood(VP_, den, x)
+    assert "max_steps" not in str(e.value)
+    with pytest.raises(ValueError, match=r"x is not finite .* \[2\]"):
+        bits_per_dim(VP_, den, x)
+    # Under jit: NaN for that row, the exact log-density for the others.
+    tight = dict(prior_logp=prior, rtol=1e-9, atol=1e-9)
+    ll = jax.jit(lambda x: log_likelihood(VP_, den, x, **tight))(x)
+    assert bool(jnp.isnan(ll[2]))
+    good = jnp.array([0, 1, 3])
+    np.testing.assert_allclose(ll[good], GAUSS.logp(VP_, x[good], VP_.t_min), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
