@@ -247,6 +247,16 @@ def test_running_out_of_steps_is_a_clear_error():
         log_likelihood(VP_, GAUSS.denoiser(VP_), x, max_steps=3)
 
 
+def test_a_denoiser_failing_midway_is_not_blamed_on_max_steps():
+    # NaN from the denoiser beyond t = 0.5 stalls the step-size control there: the message says
+    # where the solve stopped and that more steps will not help then.
+    den = GAUSS.denoiser(VP_)
+    failing = lambda x, t: jnp.where(t > 0.5, jnp.nan, den(x, t))
+    x = GAUSS.sample(4, key=jax.random.key(14))
+    with pytest.raises(RuntimeError, match=r"stopped at t=0\.5\d*; if the denoiser returns NaN"):
+        log_likelihood(VP_, failing, x, max_steps=200)
+
+
 def test_bad_input_is_refused():
     den = GAUSS.denoiser(VP_)
     x = jnp.zeros((4, 2))
