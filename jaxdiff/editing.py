@@ -44,8 +44,7 @@ Example:
     True
 """
 
-from __future__ import annotations
-
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -55,13 +54,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._utils import bcast, float_dtype, is_concrete
+from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import Sampler, check_grid, sample
+from jaxdiff.samplers.base import (
+    Sampler,
+    check_grid,
+    check_sample_input,
+    grid_dtype,
+    lift,
+    run,
+    sample,
+)
 from jaxdiff.samplers.ddim import ddim
 from jaxdiff.sde import solve_ode
 
-__all__ = ["DiffraxODE", "encode", "decode", "sdedit", "inpaint", "interpolate", "slerp"]
+__all__ = [
+    "DiffraxODE",
+    "Inpaint",
+    "encode",
+    "decode",
+    "sdedit",
+    "inpaint",
+    "interpolate",
+    "slerp",
+]
 
 
 class DiffraxODE(eqx.Module):
@@ -149,22 +165,8 @@ def _check_key(key, fn):
         raise ValueError(f"{fn} is random: pass key=jax.random.key(seed).")
 
 
-def _final_is_zero(ts):
-    """True/False when the grid is concrete; None when traced (decided at run time)."""
-    return bool(np.asarray(ts)[-1] == 0) if is_concrete(ts) else None
-
-
-def _branch(final_zero, ts, to_zero, to_last, *operands):
-    """Call ``to_zero`` if the grid ends with 0, else ``to_last`` (a ``lax.cond`` if traced)."""
-    if final_zero is True:
-        return to_zero(*operands)
-    if final_zero is False:
-        return to_last(*operands)
-    return jax.lax.cond(ts[-1] == 0, to_zero, to_last, *operands)
-
-
 def _as_grid(ts, x):
-    return jnp.asarray(ts).astype(float_dtype(jnp.asarray(x)))
+    return jnp.asarray(ts).astype(grid_dtype(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,24 +184,8 @@ def _invert_denoiser(process, denoise, x0, t, iters):
     return jax.lax.fori_loop(0, iters, body, (a * x0).astype(x0.dtype))
 
 
-def _scan_up(sampler, denoise, x, ts_up):
-    """Run a deterministic sampler's steps over an increasing grid (one ``lax.scan``)."""
-    key = jax.random.key(0)  # deterministic samplers ignore it
-
-    def body(carry, i):
-        x, state = carry
-        x_next, state, _, _ = sampler.step(denoise, x, state, ts_up, i, key)
-        return (x_next.astype(x.dtype), state), None
-
-    state = sampler.init(x, ts_up)
-    (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(ts_up.shape[0] - 1))
-    return x
-
-
 @eqx.filter_jit
-def _encode(method, process, denoise, x0, ts, final_iters, final_zero):
-    ts = ts.astype(x0.dtype)
-
+def _encode(method, process, denoise, x0, ts, final_iters):
     def from_zero(x0):
         x = _invert_denoiser(process, denoise, x0, ts[-2], final_iters)
         return _flow_up(method, denoise, x, ts[:-1][::-1])
@@ -207,13 +193,14 @@ def _encode(method, process, denoise, x0, ts, final_iters, final_zero):
     def from_last(x0):
         return _flow_up(method, denoise, x0, ts[::-1])
 
-    return _branch(final_zero, ts, from_zero, from_last, x0)
+    return jax.lax.cond(ts[-1] == 0, from_zero, from_last, x0)
 
 
 def _flow_up(method, denoise, x, ts_up):
+    """The flow over an increasing grid: the sampling engine itself, or diffrax."""
     if isinstance(method, DiffraxODE):
         return method.solve(denoise, x, ts_up[0], ts_up[-1])
-    return _scan_up(method, denoise, x, ts_up)
+    return run(method, denoise, x, ts_up, key=jax.random.key(0)).x
 
 
 def encode(
@@ -222,7 +209,7 @@ def encode(
     x0,
     ts,
     *,
-    method: Sampler | DiffraxODE | str = "ddim",
+    method: Sampler | DiffraxODE | None = None,
     final_iters: int = 3,
 ) -> jax.Array:
     r"""Map data to noise along the probability-flow ODE (DDIM inversion), undoing :func:`decode`.
@@ -243,8 +230,9 @@ def encode(
         denoise: ``denoise(x, t) -> x0_hat``.
         x0: data, batched on the leading axis.
         ts: the sampling grid (decreasing) that :func:`decode` will use.
-        method: ``"ddim"`` (default), a deterministic :class:`~jaxdiff.samplers.Sampler`,
-            ``"diffrax"`` (a default :class:`DiffraxODE`) or a :class:`DiffraxODE`.
+        method: a deterministic :class:`~jaxdiff.samplers.Sampler` (default
+            ``samplers.ddim(process)``) or a :class:`DiffraxODE` (adaptive, forward in time).
+            The strings ``"ddim"`` and ``"diffrax"`` still work but are deprecated.
         final_iters: fixed-point iterations inverting the final ``t_min -> 0`` denoising step
             (each one denoiser call; 0 gives :math:`\alpha_{t_{min}} x_0`).
 
@@ -260,16 +248,23 @@ def encode(
     _check_sampling_grid(ts, process, "encode")
     if not isinstance(final_iters, int) or final_iters < 0:
         raise ValueError(f"final_iters must be a non-negative int; got {final_iters!r}.")
-    x0 = jnp.asarray(x0)
-    return _encode(method, process, denoise, x0, _as_grid(ts, x0), final_iters, _final_is_zero(ts))
+    x0 = check_sample_input(x0, "x0")
+    method = lift(method) if isinstance(method, Sampler) else method
+    return _encode(method, process, denoise, x0, _as_grid(ts, x0), final_iters)
 
 
 def _resolve_method(method, process):
+    if method is None:
+        return ddim(process)
+    if isinstance(method, str) and method in ("ddim", "diffrax"):
+        warnings.warn(
+            f"encode(method={method!r}) is deprecated: pass samplers.ddim(process) or "
+            "DiffraxODE(process).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return ddim(process) if method == "ddim" else DiffraxODE(process)
     if isinstance(method, str):
-        if method == "ddim":
-            return ddim(process)
-        if method == "diffrax":
-            return DiffraxODE(process)
         raise ValueError(
             f"Unknown method {method!r}: use 'ddim', 'diffrax', a deterministic Sampler "
             "(e.g. samplers.heun(process)) or DiffraxODE(process, solver=..., rtol=..., atol=...)."
@@ -278,16 +273,14 @@ def _resolve_method(method, process):
 
 
 @eqx.filter_jit
-def _decode_ode(ode, denoise, z, ts, final_zero):
-    ts = ts.astype(z.dtype)
-
+def _decode_ode(ode, denoise, z, ts):
     def to_zero(z):
         return denoise(ode.solve(denoise, z, ts[0], ts[-2]), ts[-2])
 
     def to_last(z):
         return ode.solve(denoise, z, ts[0], ts[-1])
 
-    return _branch(final_zero, ts, to_zero, to_last, z)
+    return jax.lax.cond(ts[-1] == 0, to_zero, to_last, z)
 
 
 def decode(sampler: Sampler | DiffraxODE, denoise: Callable, z, ts) -> jax.Array:
@@ -301,10 +294,10 @@ def decode(sampler: Sampler | DiffraxODE, denoise: Callable, z, ts) -> jax.Array
         >>> x0 = decode(jaxdiff.samplers.ddim(vp), denoise, z, ts)  # doctest: +SKIP
     """
     _check_deterministic(sampler, "decode")
-    z = jnp.asarray(z)
+    z = check_sample_input(z, "z")
     if isinstance(sampler, DiffraxODE):
         _check_sampling_grid(ts, sampler.process, "decode")
-        return _decode_ode(sampler, denoise, z, _as_grid(ts, z), _final_is_zero(ts))
+        return _decode_ode(sampler, denoise, z, _as_grid(ts, z))
     return sample(sampler, denoise, z, ts).x
 
 
@@ -338,7 +331,7 @@ def sdedit(sampler: Sampler, denoise: Callable, x, ts, *, key) -> jax.Array:
     if is_concrete(ts) and np.ndim(ts) == 1 and np.shape(ts)[0] >= 1:
         process.check_t(np.asarray(ts)[0], name="ts[0] (the SDEdit start time)")
     _check_sampling_grid(ts, process, "sdedit")
-    x = jnp.asarray(x)
+    x = check_sample_input(x, "x")
     ts = _as_grid(ts, x)
     k_noise, k_sample = jax.random.split(key)
     x_t = process.marginal(x, jax.random.normal(k_noise, x.shape, x.dtype), ts[0])
@@ -380,53 +373,59 @@ def _renoise(process, x_s, s, t, noise):
     return r * x_s + jnp.sqrt(jnp.maximum(sig_t**2 - (r * sig_s) ** 2, 0.0)) * noise
 
 
-def _repaint_step(step, process, x_known, mask, x, t, s, key, resample):
-    """One step ``t -> s`` with replacement, done ``resample`` times with jumps back to ``t``."""
+class Inpaint(Sampler):
+    r"""A sampler wrapper: replacement after every step, with RePaint resampling (see :func:`inpaint`).
 
-    x_t, state = x
+    Each step of the wrapped ``sampler`` from :math:`t` to :math:`s` is tried ``resample`` times;
+    after each try the known entries are replaced by :math:`\alpha_s x_{known} + \sigma_s\epsilon`
+    and, between tries, the state jumps back to :math:`t` with the forward transition. The final
+    step of a grid ending at 0 returns the denoiser's output with the known entries pasted in.
+    Run it with :func:`jaxdiff.sample` like any sampler (the optax ``chain`` pattern).
+    """
 
-    def attempt(j, carry):
-        x_t, _, _ = carry
-        k = jax.random.fold_in(key, j)
-        x_s, new_state = step(x_t, state, jax.random.fold_in(k, 0))  # every try from `state`
-        eps, noise = jax.random.normal(jax.random.fold_in(k, 1), (2, *x_s.shape), x_s.dtype)
-        x_s = jnp.where(mask, process.marginal(x_known, eps, s), x_s)
-        x_t = jnp.where(j + 1 < resample, _renoise(process, x_s, s, t, noise), x_t)
-        return x_t, x_s, new_state
+    sampler: Sampler
+    x_known: jax.Array
+    mask: jax.Array
+    resample: jax.Array = eqx.field(default=1, converter=jnp.asarray)  # traced: no recompiles
 
-    _, x_s, new_state = jax.lax.fori_loop(0, resample, attempt, (x_t, x_t, state))
-    return x_s, new_state
+    @property
+    def process(self):
+        return self.sampler.process
 
+    @property
+    def stochastic(self) -> bool:
+        return True
 
-@eqx.filter_jit
-def _inpaint(sampler, denoise, x_known, mask, ts, key, resample, final_zero):
-    process = sampler.process
-    ts = ts.astype(x_known.dtype)
-    n = ts.shape[0] - 1
-    k_init, key = jax.random.split(key)
-    z = jax.random.normal(k_init, x_known.shape, x_known.dtype)
-    x = process.marginal(jnp.where(mask, x_known, 0.0), z, ts[0])
+    @property
+    def nfe_per_step(self) -> int:
+        return self.sampler.nfe_per_step  # per try; ``resample`` tries per step
 
-    def body(carry, i):
-        def sampler_step(x, state, k):
-            x_next, new_state, _, _ = sampler.step(denoise, x, state, ts, i, k)
-            return x_next.astype(x.dtype), new_state
+    def nfe(self, n: int) -> int:
+        return (n - 1) * self.nfe_per_step * int(self.resample) + 1
 
-        def to_zero(x, state, k):  # the final step of a grid ending with 0 returns x0_hat
-            return denoise(x, ts[i]).astype(x.dtype), state
+    def init(self, x_T, ts):
+        return self.sampler.init(x_T, ts)
 
-        def step(x, state, k):
-            if final_zero is False:
-                return sampler_step(x, state, k)
-            last = (i == n - 1) & (ts[-1] == 0)
-            return jax.lax.cond(last, to_zero, sampler_step, x, state, k)
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
 
-        k = jax.random.fold_in(key, i)
-        args = (process, x_known, mask, carry, ts[i], ts[i + 1], k, resample)
-        return _repaint_step(step, *args), None
+        def attempt(j, carry):
+            x_t, _, _, _ = carry
+            k = jax.random.fold_in(key, j)
+            k_step = jax.random.fold_in(k, 0)  # every try starts from the state before the step
+            x_s, new_state, x0, _ = self.sampler.step(denoise, x_t, state, ts, i, k_step)
+            eps, noise = jax.random.normal(jax.random.fold_in(k, 1), (2, *x.shape), x.dtype)
+            x_s = jnp.where(self.mask, self.process.marginal(self.x_known, eps, s), x_s)
+            x_s = x_s.astype(x.dtype)
+            x_back = _renoise(self.process, x_s, s, t, noise).astype(x.dtype)
+            x_t = jnp.where(j + 1 < self.resample, x_back, x_t)
+            return x_t, x_s, new_state, x0.astype(x.dtype)
 
-    (x, _), _ = jax.lax.scan(body, (x, sampler.init(x, ts)), jnp.arange(n))
-    return jnp.where(mask, x_known, x)
+        _, x_s, new_state, x0 = jax.lax.fori_loop(0, self.resample, attempt, (x, x, state, x))
+        return x_s, new_state, x0, self.sampler.nfe_per_step * self.resample
+
+    def final(self, denoise, x, state, ts, key):
+        return jnp.where(self.mask, self.x_known, denoise(x, ts[-2]))
 
 
 def inpaint(
@@ -476,12 +475,16 @@ def inpaint(
     _check_key(key, "inpaint")
     if not isinstance(resample, (int, np.integer)) or resample < 1:
         raise ValueError(f"resample must be a positive int (1 = no resampling); got {resample!r}.")
-    x_known = jnp.asarray(x_known)
-    mask = _check_mask(mask, x_known.shape)
+    x_known = check_sample_input(x_known, "x_known")
+    mask = jnp.broadcast_to(_check_mask(mask, x_known.shape), x_known.shape)
     _check_sampling_grid(ts, sampler.process, "inpaint")
-    fz = _final_is_zero(ts)
-    resample = jnp.asarray(resample, jnp.int32)  # traced: a new value does not recompile
-    return _inpaint(sampler, denoise, x_known, mask, _as_grid(ts, x_known), key, resample, fz)
+    ts = _as_grid(ts, x_known)
+    k_init, k_run = jax.random.split(key)
+    z = jax.random.normal(k_init, x_known.shape, x_known.dtype)
+    x_T = sampler.process.marginal(jnp.where(mask, x_known, 0.0), z, ts[0]).astype(x_known.dtype)
+    wrapper = Inpaint(sampler, x_known, mask, jnp.asarray(resample, jnp.int32))
+    x = sample(wrapper, denoise, x_T, ts, key=k_run).x
+    return jnp.where(mask, x_known, x)
 
 
 # --------------------------------------------------------------------------------------------

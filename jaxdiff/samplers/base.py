@@ -61,6 +61,7 @@ __all__ = [
     "checked_denoiser",
     "grid_dtype",
     "lift",
+    "run",
     "step_noise",
 ]
 
@@ -264,7 +265,19 @@ def sample(
         if sampler.stochastic:
             raise ValueError(f"{sampler.name} is stochastic: pass key=jax.random.key(seed).")
         key = jax.random.key(0)
-    return _run(lift(sampler), denoise, x_T, ts.astype(grid_dtype(x_T)), key, save_trajectory)
+    return run(sampler, denoise, x_T, ts, key=key, save_trajectory=save_trajectory)
+
+
+def run(sampler: Sampler, denoise: Callable, x_T, ts, *, key, save_trajectory: bool = False):
+    """The engine behind :func:`sample`, without its eager checks: any monotone grid.
+
+    Runs ``sampler.step`` over every step of ``ts`` as one compiled ``lax.scan`` (the last step
+    of a grid ending at 0 is ``sampler.final``). :func:`jaxdiff.editing.encode` runs it over an
+    increasing grid (DDIM inversion); :func:`sample` over a checked decreasing one.
+    """
+    x_T = check_sample_input(x_T)
+    ts = jnp.asarray(ts).astype(grid_dtype(x_T))
+    return _run(lift(sampler), denoise, x_T, ts, key, save_trajectory)
 
 
 @eqx.filter_jit
