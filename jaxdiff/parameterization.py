@@ -37,6 +37,7 @@ __all__ = [
     "to_x0",
     "from_x0",
     "convert",
+    "eps_error_scale",
     "edm_preconditioning",
     "Denoiser",
     "denoiser",
@@ -105,6 +106,42 @@ def from_x0(process: Process, prediction: str, x, t, x0):
 def convert(process: Process, x, t, out, *, source: str, target: str):
     """Convert a prediction of kind ``source`` into kind ``target`` (through :math:`\\hat x_0`)."""
     return from_x0(process, target, x, t, to_x0(process, source, x, t, out))
+
+
+def eps_error_scale(process: Process, prediction: str, t):
+    r"""How an error in ``prediction`` shows in the noise prediction: :math:`k(t)` with
+    :math:`\|\Delta\hat\epsilon\|^2 = k(t)\,\|\Delta\,\mathrm{prediction}\|^2` at fixed :math:`(x, t)`.
+
+    Every conversion of this module is affine in the prediction with a scalar slope, so one
+    number per time carries a weighted squared error from one prediction to another:
+
+    .. math:: k_\epsilon = 1,\quad k_{score} = \sigma_t^2,\quad k_{x_0} = \frac{\alpha_t^2}
+        {\sigma_t^2},\quad k_v = \frac{\alpha_t^2}{(\alpha_t^2 + \sigma_t^2)^2},\quad
+        k_{flow} = \frac{\alpha_t^2}{(\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)^2}.
+
+    Used by the loss weightings of :mod:`jaxdiff.losses` (Kingma & Gao 2023, "Understanding
+    Diffusion Objectives", express every weighting on the eps error in the same way).
+
+    Example:
+        >>> import jaxdiff
+        >>> vp = jaxdiff.VP()
+        >>> k = eps_error_scale(vp, "x0", 0.5)     # alpha^2 / sigma^2, the SNR
+        >>> bool(abs(k - (vp.alpha(0.5) / vp.sigma(0.5)) ** 2) < 1e-6)
+        True
+    """
+    _check_prediction(prediction)
+    t = as_time(t)
+    if prediction == "eps":
+        return jnp.ones_like(t)
+    a, s = process.alpha(t), process.sigma(t)
+    if prediction == "score":
+        return s**2
+    if prediction == "x0":
+        return (a / s) ** 2
+    if prediction == "v":
+        return (a / (a**2 + s**2)) ** 2
+    da, ds = time_derivative(process.alpha, t), time_derivative(process.sigma, t)
+    return (a / (a * ds - s * da)) ** 2
 
 
 def edm_preconditioning(process: Process, t, sigma_data=0.5):

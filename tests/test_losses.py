@@ -11,11 +11,12 @@ import pytest
 from scipy.stats import norm
 
 from jaxdiff import losses
+from jaxdiff import parameterization as P
 from jaxdiff.analytic import GaussianMixture
 from jaxdiff.parameterization import denoiser, edm_preconditioning
-from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.processes import EDM, VE, VP, DiscreteVP, RectifiedFlow, SubVP, VPCosine
 
-PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow()]
+PROCESSES = [VP(), VPCosine(), SubVP(), VE(), EDM(), RectifiedFlow(), DiscreteVP.linear()]
 IDS = [type(p).__name__ for p in PROCESSES]
 parametrize = pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 
@@ -315,3 +316,125 @@ def test_bad_input_raises():
         losses.eps_loss(lambda x, t: x[:, :2], process, X0, key=KEY)
     with pytest.raises(TypeError, match="x0 must be a floating array"):
         losses.eps_loss(net, process, jnp.ones((6, 3), jnp.int32), key=KEY)
+
+
+# --- weightings: one object, one objective ----------------------------------------------------
+@parametrize
+def test_weightings_are_their_formulas(process):
+    t = times(process)
+    a, s, g2 = process.alpha(t), process.sigma(t), process.g2(t)
+    da, ds = jax.vmap(jax.grad(process.alpha))(t), jax.vmap(jax.grad(process.sigma))(t)
+    # eps-error scale k_p: |d eps|^2 = k_p |d p|^2 (eps = 1, score = s^2, x0 = a^2/s^2, ...)
+    k = {
+        "eps": 1.0,
+        "score": s**2,
+        "x0": a**2 / s**2,
+        "v": a**2 / (a**2 + s**2) ** 2,
+        "flow": a**2 / (a * ds - s * da) ** 2,
+    }
+    lik = losses.likelihood_weighting(process)
+    simple = losses.simple_weighting(process)
+    edm = losses.edm_weighting(process, sigma_data=0.7)
+    sig2 = (s / a) ** 2
+    np.testing.assert_allclose(lik(t), g2, rtol=1e-12)
+    np.testing.assert_allclose(simple(t), 1.0, rtol=0)
+    np.testing.assert_allclose(edm(t), (sig2 + 0.49) / (sig2 * 0.49), rtol=1e-10)
+    for pred, k_p in k.items():
+        np.testing.assert_allclose(
+            P.eps_error_scale(process, pred, t), k_p, rtol=1e-9, err_msg=pred
+        )
+        np.testing.assert_allclose(lik.on(pred, t), g2 * k_p / s**2, rtol=1e-9, err_msg=pred)
+        np.testing.assert_allclose(simple.on(pred, t), k_p, rtol=1e-9, err_msg=pred)
+        np.testing.assert_allclose(edm.on(pred, t), edm(t) * k_p / k["x0"], rtol=1e-9, err_msg=pred)
+    # The likelihood weighting on the eps error is -d lambda/dt (the importance density's shape).
+    dlam = jax.vmap(jax.grad(process.log_snr))(t)
+    np.testing.assert_allclose(lik.on("eps", t), -dlam, rtol=1e-8)
+
+
+@parametrize
+def test_eps_error_scale_is_the_slope_of_the_conversion(process):
+    # Perturb a prediction by delta at fixed (x, t): the eps prediction moves by sqrt(k) |delta|.
+    t = times(process)
+    x = process.marginal(X0, jax.random.normal(KEY, X0.shape), t)
+    delta = 1e-3 * jax.random.normal(jax.random.key(5), X0.shape)
+    for pred in P.PREDICTIONS:
+        out = P.from_x0(process, pred, x, t, X0)
+        eps_a = P.convert(process, x, t, out, source=pred, target="eps")
+        eps_b = P.convert(process, x, t, out + delta, source=pred, target="eps")
+        ratio = jnp.sum((eps_b - eps_a) ** 2, -1) / jnp.sum(delta**2, -1)
+        np.testing.assert_allclose(
+            ratio, P.eps_error_scale(process, pred, t), rtol=1e-6, err_msg=pred
+        )
+
+
+@parametrize
+def test_one_weighting_is_one_objective_in_every_loss(process):
+    # The same network in five parameterizations, the same key (same t and eps): each loss with
+    # the same weighting object gives the same numbers.
+    eps_net = net
+    nets = {
+        losses.eps_loss: eps_net,
+        losses.dsm_loss: lambda x, t: -eps_net(x, t) / col(process.sigma(t)),
+        losses.x0_loss: denoiser(eps_net, process, "eps"),
+        losses.v_loss: lambda x, t: P.convert(
+            process, x, t, eps_net(x, t), source="eps", target="v"
+        ),
+        losses.flow_loss: lambda x, t: P.convert(
+            process, x, t, eps_net(x, t), source="eps", target="flow"
+        ),
+    }
+    for weighting in (
+        losses.likelihood_weighting(process),
+        losses.simple_weighting(process),
+        losses.edm_weighting(process),
+    ):
+        ref = losses.eps_loss(eps_net, process, X0, key=KEY, weighting=weighting)
+        for loss, model in nets.items():
+            out = loss(model, process, X0, key=KEY, weighting=weighting)
+            np.testing.assert_allclose(out, ref, rtol=1e-7, err_msg=f"{loss.__name__} {weighting}")
+
+
+def test_deprecated_strings_are_the_weighting_objects():
+    process, t = VP(), times(VP())
+    score_net = lambda x, t: -net(x, t) / col(process.sigma(t))  # noqa: E731
+    cases = [
+        (losses.eps_loss, net, "likelihood", losses.likelihood_weighting),
+        (losses.dsm_loss, score_net, "likelihood", losses.likelihood_weighting),
+        (losses.dsm_loss, score_net, "sigma2", losses.simple_weighting),
+        (losses.x0_loss, denoiser(net, process), "snr", losses.simple_weighting),
+        (losses.denoising_loss, denoiser(net, process), "snr", losses.simple_weighting),
+    ]
+    for loss, model, name, factory in cases:
+        with pytest.warns(
+            DeprecationWarning, match=f"weighting='{name}' is deprecated.*{factory.__name__}"
+        ):
+            old = loss(model, process, X0, key=KEY, t=t, weighting=name)
+        new = loss(model, process, X0, key=KEY, t=t, weighting=factory(process))
+        np.testing.assert_array_equal(old, new)
+    # dsm_loss's default is the simple weighting (sigma^2 on the score error), without a warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = losses.dsm_loss(score_net, process, X0, key=KEY, t=t)
+    np.testing.assert_array_equal(
+        default,
+        losses.dsm_loss(
+            score_net, process, X0, key=KEY, t=t, weighting=losses.simple_weighting(process)
+        ),
+    )
+    with pytest.raises(TypeError, match="weighting must be"):
+        losses.eps_loss(net, process, X0, key=KEY, weighting=2.0)
+
+
+def test_weightings_compare_and_hash_equal_and_pass_through_jit():
+    for make in (losses.likelihood_weighting, losses.simple_weighting, losses.edm_weighting):
+        for process in (VP(), DiscreteVP.cosine()):
+            a, b = make(process), make(process)
+            assert bool(a == b) and hash(a) == hash(b)
+    assert losses.edm_weighting(VP(), 0.5) != losses.edm_weighting(VP(), 0.7)
+    w = losses.likelihood_weighting(DiscreteVP.linear())
+    t = jnp.array([0.1, 0.5])
+    np.testing.assert_allclose(
+        jax.jit(lambda w, t: w.on("eps", t))(w, t), w.on("eps", t), rtol=1e-12
+    )
