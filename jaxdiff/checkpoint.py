@@ -14,6 +14,10 @@ The iterator position is read when :meth:`Checkpointer.save` is called, not when
 thread writes it: grain's orbax handler calls ``get_state()`` inside the asynchronous write, by
 which time the training loop has already drawn further batches.
 
+Snapshots of the power-function EMAs for post-hoc EMA (Karras et al. 2024) are kept apart, all
+of them, by :class:`EMASnapshots`; :func:`load_posthoc_ema` reads them back and reconstructs the
+EMA of any relative width with :func:`jaxdiff.training.posthoc_ema`.
+
 Example:
     >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=3, every=1000)   # doctest: +SKIP
     >>> ckpt.save(step, state, data_iterator)                               # doctest: +SKIP
@@ -31,7 +35,16 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_state", "all_finite"]
+from jaxdiff.training import EMASnapshot, TrainState, posthoc_ema
+
+__all__ = [
+    "Checkpointer",
+    "abstract_state",
+    "all_finite",
+    "EMASnapshots",
+    "load_ema_snapshots",
+    "load_posthoc_ema",
+]
 
 
 def abstract_state(state):
@@ -99,7 +112,12 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = dict(
+            state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint (interrupted saves are ignored)."""
@@ -144,9 +162,24 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
+    def _saved_profiles(self, step: int, abstract):
+        """``abstract`` with as many power-function EMAs as the checkpoint holds (a loader that
+        only samples does not know how many the run tracked; each has the params' structure)."""
+        if not isinstance(abstract, TrainState):
+            return abstract
+        saved = self._manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        n = len(saved.get("power_ema") or ())
+        if n == len(abstract.power_ema):
+            return abstract
+        gamma = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=abstract.step.sharding)
+        return abstract.replace(
+            power_ema=tuple(abstract.params for _ in range(n)), power_gamma=gamma if n else ()
+        )
+
     def restore(self, step: int, abstract, data_iterator=None):
         """Restore the state saved at ``step`` onto ``abstract``'s shardings; move the iterator."""
-        items = {"state": ocp.args.StandardRestore(abstract)}
+        items = {"state": ocp.args.StandardRestore(self._saved_profiles(step, abstract))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -177,3 +210,109 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-hoc EMA snapshots
+# ----------------------------------------------------------------------------------------------
+class EMASnapshots:
+    """Snapshots of a train state's power-function EMAs every ``every`` steps, all kept.
+
+    Snapshot ``k`` is the folder ``<directory>/<k>`` with the EMAs (``ema``, one tree per profile,
+    ``ocp.args.StandardSave``) and their exponents (``profile``, JSON ``{"gamma": [...]}``). Saves
+    are asynchronous and atomic, as for :class:`Checkpointer`. :func:`load_posthoc_ema` reads them.
+
+    Example:
+        >>> snaps = EMASnapshots("/tmp/run/ema_snapshots", every=500)      # doctest: +SKIP
+        >>> snaps.save(step, state)                                          # doctest: +SKIP
+    """
+
+    def __init__(self, directory, *, every: int = 1000, async_save: bool = True):
+        if every < 1:
+            raise ValueError(f"every must be >= 1; got {every}.")
+        self.directory = Path(directory).absolute()
+        self.every = every
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Save ``state.power_ema`` at ``step`` if due (or ``force``); returns whether it started."""
+        step = int(step)
+        if not state.power_ema or not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        emas = {str(i): e for i, e in enumerate(state.power_ema)}
+        gamma = [float(g) for g in jax.device_get(state.power_gamma)]
+        items = dict(ema=ocp.args.StandardSave(emas), profile=ocp.args.JsonSave({"gamma": gamma}))
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+    def load(self, abstract_params) -> list[EMASnapshot]:
+        """Every snapshot, one :class:`~jaxdiff.training.EMASnapshot` per profile and step.
+
+        ``abstract_params`` gives the structure, shapes and shardings of one parameter tree (e.g.
+        ``abstract_state(state).params``).
+        """
+        snapshots = []
+        for step in self.all_steps():
+            profile = self._manager.restore(
+                step, args=ocp.args.Composite(profile=ocp.args.JsonRestore())
+            )["profile"]
+            target = {str(i): abstract_params for i in range(len(profile["gamma"]))}
+            emas = self._manager.restore(
+                step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target))
+            )["ema"]
+            snapshots += [
+                EMASnapshot(step, g, emas[str(i)]) for i, g in enumerate(profile["gamma"])
+            ]
+        return snapshots
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_ema_snapshots(directory, abstract_params) -> list[EMASnapshot]:
+    """The snapshots in ``directory`` (written by :class:`EMASnapshots`); see :meth:`EMASnapshots.load`."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"no EMA snapshots in {directory}: train with power-function EMA profiles "
+            "(experiments.train --ema-profiles 0.05 0.1) to use post-hoc EMA."
+        )
+    with EMASnapshots(directory, async_save=False) as snaps:
+        return snaps.load(abstract_params)
+
+
+def load_posthoc_ema(directory, abstract_params, sigma_rel: float, *, step: int | None = None):
+    """Parameters of the EMA of relative width ``sigma_rel`` ending at ``step`` (default: the last
+    snapshot), reconstructed from the snapshots in ``directory`` by
+    :func:`jaxdiff.training.posthoc_ema`, placed like ``abstract_params``.
+
+    Example:
+        >>> params = load_posthoc_ema(run / "ema_snapshots", abstract_state(state).params, 0.1)  # doctest: +SKIP
+    """
+    snapshots = load_ema_snapshots(directory, abstract_params)
+    if step is not None:
+        snapshots = [s for s in snapshots if s.step <= step]
+    if not snapshots:
+        raise FileNotFoundError(f"no EMA snapshot at or before step {step} in {directory}.")
+    params = posthoc_ema(snapshots, sigma_rel, step=step)
+    place = lambda a, like: (  # noqa: E731
+        a if getattr(like, "sharding", None) is None else jax.device_put(a, like.sharding)
+    )
+    return jax.tree.map(place, params, abstract_params)

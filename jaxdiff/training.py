@@ -34,10 +34,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import flax.struct
@@ -63,12 +65,18 @@ __all__ = [
     "classifier_loss",
     "ModelFn",
     "model_fn",
+    "EMASnapshot",
+    "sigma_rel_to_gamma",
+    "gamma_to_sigma_rel",
+    "posthoc_ema_weights",
+    "posthoc_ema",
+    "persistent_compilation_cache",
 ]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training; an immutable pytree (checkpointed as is).
+    r"""Everything that changes during training; an immutable pytree (checkpointed as is).
 
     Attributes:
         step: number of updates applied (int32 scalar).
@@ -77,6 +85,10 @@ class TrainState:
         ema_params: exponential moving average of ``params``.
         key: raw PRNG key data (``jax.random.key_data``); step ``k`` draws from
             ``fold_in(key, k)``, so a restored run continues with the same randomness.
+        power_ema: power-function EMAs of ``params`` (Karras et al. 2024), one tree per exponent
+            of ``power_gamma``; ``()`` when none are tracked. Snapshots of them feed
+            :func:`posthoc_ema`.
+        power_gamma: the exponents :math:`\gamma` of ``power_ema`` (float32, shape ``(n,)``).
     """
 
     step: jax.Array
@@ -84,6 +96,8 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     key: jax.Array
+    power_ema: Any = ()
+    power_gamma: Any = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,14 +216,16 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def init_train_state(model: nnx.Module, optimizer, *, key, mesh=None):
-    """Split ``model`` and build the initial :class:`TrainState`.
+def init_train_state(model: nnx.Module, optimizer, *, key, mesh=None, ema_profiles=()):
+    r"""Split ``model`` and build the initial :class:`TrainState`.
 
     Args:
         model: a Flax NNX module.
         optimizer: an optax transformation (e.g. :func:`make_optimizer`).
         key: PRNG key for the training randomness (times, noise, dropout, label dropout).
         mesh: when given, the state is replicated over it.
+        ema_profiles: relative widths :math:`\sigma_{rel}` of power-function EMAs to track for
+            :func:`posthoc_ema` (EDM2 tracks ``(0.05, 0.10)``); none by default.
 
     Returns:
         ``(state, graphdef, rest)``: the state and the static parts that
@@ -217,12 +233,15 @@ def init_train_state(model: nnx.Module, optimizer, *, key, mesh=None):
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = _copy(params)  # the state owns its buffers (donation must not delete the model's)
+    gammas = [sigma_rel_to_gamma(s) for s in ema_profiles]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
         ema_params=_copy(params),
         key=jax.random.key_data(key),
+        power_ema=tuple(_copy(params) for _ in gammas),
+        power_gamma=jnp.asarray(gammas, jnp.float32) if gammas else (),
     )
     return (state if mesh is None else replicate(mesh, state)), graphdef, rest
 
@@ -260,6 +279,47 @@ def _learning_rate(opt_state):
     return jnp.asarray(jnp.nan, jnp.float32)
 
 
+def _micro_batches(batch, k: int, mesh):
+    """``(k, B/k, ...)`` micro-batches of a ``(B, ...)`` batch; micro-batch ``i`` holds examples
+    ``i, i + k, ...``, so every device keeps its own examples (no resharding)."""
+    n_dev = mesh.devices.size
+
+    def split(a):
+        b = a.shape[0]
+        if b % k or (b // k) % n_dev:
+            raise ValueError(
+                f"the batch size {b} must be divisible by grad_accum={k}"
+                + (f" times the number of devices {n_dev}" if n_dev > 1 else "")
+                + "; change batch_size or grad_accum."
+            )
+        a = jnp.swapaxes(a.reshape(b // k, k, *a.shape[1:]), 0, 1)
+        spec = P(None, "data", *([None] * (a.ndim - 2)))
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _mean_grad(loss_and_grad, params, batch, key, k: int, mesh):
+    """Mean loss and gradient over ``k`` micro-batches, accumulated by one ``lax.scan``.
+
+    Micro-batch ``i`` draws from ``fold_in(key, i)``; ``k = 1`` is one call with ``key``.
+    """
+    if k == 1:
+        return loss_and_grad(params, batch, key)
+    micro = _micro_batches(batch, k, mesh)
+
+    def body(total, i_mb):
+        i, mb = i_mb
+        out = loss_and_grad(params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda a: a[0], micro)
+    shapes = jax.eval_shape(loss_and_grad, params, first, key)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    return jax.tree.map(lambda a: a / k, total)
+
+
 def make_train_step(
     graphdef,
     loss_fn: Callable,
@@ -274,6 +334,7 @@ def make_train_step(
     bind: Callable | None = None,
     mesh=None,
     donate: bool = True,
+    grad_accum: int = 1,
 ):
     """Build the compiled, pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -293,10 +354,16 @@ def make_train_step(
             dropout ``key`` over ``model``'s call (use ``model.log_prob`` for a classifier).
         mesh: device mesh (default: all devices); the batch is sharded along ``"data"``.
         donate: donate the input state's buffers (do not reuse a state after passing it).
+        grad_accum: split the batch into this many micro-batches and average their gradients
+            inside the step (one ``lax.scan``; memory of one micro-batch). The update equals the
+            one of the whole batch up to float32 rounding; micro-batch ``i`` draws its noise from
+            ``fold_in(key, i)``. The batch size must be divisible by ``grad_accum`` (times the
+            number of devices).
 
     Returns:
         ``train_step``; ``metrics`` holds ``loss``, ``grad_norm`` (before clipping), ``lr`` and
-        ``finite``. A non-finite step returns the input state unchanged.
+        ``finite``. A non-finite step returns the input state unchanged. The power-function EMAs
+        of the state (``init_train_state(..., ema_profiles=...)``) are updated too.
     """
     if not 0.0 <= p_uncond < 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}.")
@@ -304,8 +371,11 @@ def make_train_step(
         raise ValueError("p_uncond > 0 needs null_class (the network's num_classes).")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}.")
+    if int(grad_accum) != grad_accum or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {grad_accum}.")
     bind = _default_bind if bind is None else bind
     rest = nnx.State({}) if rest is None else rest
+    mesh = make_mesh() if mesh is None else mesh
 
     def objective(params, batch, key):
         k_loss, k_drop, k_label = jax.random.split(key, 3)
@@ -315,9 +385,11 @@ def make_train_step(
             y = _drop_labels(y, p_uncond, null_class, k_label)
         return jnp.mean(loss_fn(bind(model, y, k_drop), process, batch["x"], key=k_loss))
 
+    loss_and_grad = jax.value_and_grad(objective)
+
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        loss, grads = jax.value_and_grad(objective)(state.params, batch, key)
+        loss, grads = _mean_grad(loss_and_grad, state.params, batch, key, int(grad_accum), mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -328,13 +400,13 @@ def make_train_step(
             ema_params=_ema(
                 state.ema_params, params, _ema_decay(ema_decay, ema_warmup, state.step)
             ),
+            power_ema=_power_emas(state.power_ema, state.power_gamma, params, state.step + 1),
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=_learning_rate(opt_state), finite=finite)
         return new, metrics
 
-    mesh = make_mesh() if mesh is None else mesh
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(
         train_step,
@@ -402,3 +474,164 @@ def model_fn(graphdef, params, rest=None, *, method: str = "__call__", **kwargs)
     """
     rest = nnx.State({}) if rest is None else rest
     return ModelFn(graphdef, params, rest, kwargs, method)
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models", Sec. 3 and App. C)
+# ----------------------------------------------------------------------------------------------
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    r"""Exponent :math:`\gamma` of the power-function EMA profile of relative width ``sigma_rel``.
+
+    The profile :math:`p_t(\tau) \propto \tau^\gamma` on :math:`[0, t]` has standard deviation
+    :math:`\sigma_{rel}\,t` with :math:`\sigma_{rel}^2 = (\gamma + 1)/((\gamma + 2)^2(\gamma + 3))`,
+    so :math:`\gamma` is the largest real root of
+    :math:`\gamma^3 + 7\gamma^2 + (16 - \sigma_{rel}^{-2})\gamma + 12 - \sigma_{rel}^{-2}`.
+
+    Example:
+        >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
+        (16.97, 6.94)
+    """
+    if not 0.0 < sigma_rel < gamma_to_sigma_rel(0.0):
+        raise ValueError(
+            f"sigma_rel must lie in (0, {gamma_to_sigma_rel(0.0):.4f}) (gamma > 0); got {sigma_rel}."
+        )
+    s = float(sigma_rel) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    r""":math:`\sigma_{rel} = \sqrt{(\gamma + 1)/((\gamma + 2)^2(\gamma + 3))}`, the inverse of
+    :func:`sigma_rel_to_gamma`."""
+    g = float(gamma)
+    return float(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))))
+
+
+def _power_emas(emas, gammas, params, t):
+    r"""One update of each power-function EMA at step count ``t >= 1``:
+    :math:`\hat\theta \leftarrow \beta\hat\theta + (1 - \beta)\theta` with
+    :math:`\beta = (1 - 1/t)^{\gamma + 1}`, written :math:`1 - \beta = -\mathrm{expm1}((\gamma + 1)
+    \mathrm{log1p}(-1/t))` (accurate in float32 for any ``t``). The discrete weights are
+    :math:`(\tau^{\gamma+1} - (\tau - 1)^{\gamma+1})/t^{\gamma+1}`: the profile integrated over
+    each step, which makes :func:`posthoc_ema`'s continuous inner products exact."""
+    if not emas:
+        return emas
+    t = t.astype(jnp.float32)
+    rate = -jnp.expm1((gammas + 1.0) * jnp.log1p(-1.0 / t))
+    return tuple(_ema(e, params, 1.0 - rate[i]) for i, e in enumerate(emas))
+
+
+class EMASnapshot(NamedTuple):
+    """A power-function EMA ``params`` with exponent ``gamma`` at training step ``step``."""
+
+    step: int
+    gamma: float
+    params: Any
+
+
+def _profile_dots(t_a, g_a, t_b, g_b):
+    r""":math:`\int_0^\infty p_a p_b\,d\tau` for :math:`p(\tau) = (\gamma + 1)\tau^\gamma /
+    t^{\gamma + 1}` on :math:`[0, t]` (in logs, so large exponents do not overflow)."""
+    m = np.minimum(t_a, t_b)
+    log = (
+        np.log1p(g_a) + np.log1p(g_b) - np.log(g_a + g_b + 1) + (g_a + g_b + 1) * np.log(m)
+        - (g_a + 1) * np.log(t_a) - (g_b + 1) * np.log(t_b)
+    )  # fmt: skip
+    return np.exp(log)
+
+
+def posthoc_ema_weights(steps, gammas, sigma_rel: float, step: int | None = None) -> np.ndarray:
+    r"""Coefficients :math:`x` with :math:`\sum_i x_i p_i \approx p^*`: snapshot profiles
+    :math:`p_i` (``steps[i]``, ``gammas[i]``) combined into the profile of relative width
+    ``sigma_rel`` ending at ``step`` (default: the last snapshot).
+
+    Least squares in :math:`L^2`, :math:`\min_x \|\sum_i x_i p_i - p^*\|^2` with the closed-form
+    inner products of power functions (Karras et al. 2024, App. C.2), under the constraint
+    :math:`\sum_i x_i = 1` so that the result is a weighted average (a constant is reproduced
+    exactly). Times are rescaled so that ``step`` is 1.
+    """
+    t = np.asarray(steps, np.float64)
+    g = np.asarray(gammas, np.float64)
+    if t.ndim != 1 or t.shape != g.shape or t.size == 0 or np.any(t < 1):
+        raise ValueError(f"need matching 1-D steps >= 1 and gammas; got {t} and {g}.")
+    step = float(t.max() if step is None else step)
+    t, target = t / step, sigma_rel_to_gamma(sigma_rel)
+    gram = _profile_dots(t[:, None], g[:, None], t[None, :], g[None, :])
+    rhs = _profile_dots(t, g, 1.0, target)
+    n = t.size
+    kkt = np.block([[gram, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    x = np.linalg.lstsq(kkt, np.append(rhs, 1.0), rcond=None)[0]
+    return x[:n]
+
+
+def posthoc_ema(snapshots, sigma_rel: float, *, step: int | None = None):
+    r"""The EMA of relative width ``sigma_rel`` at ``step``, reconstructed from snapshots.
+
+    Post-hoc EMA (Karras et al. 2024, Sec. 3): training tracks power-function EMAs of two widths
+    and saves them periodically; any other width is a linear combination of the snapshots,
+    :math:`\hat\theta^* = \sum_i x_i\hat\theta_i` with :math:`x` from :func:`posthoc_ema_weights`.
+
+    Args:
+        snapshots: :class:`EMASnapshot` s (``step``, ``gamma``, ``params``), e.g. from
+            :func:`jaxdiff.checkpoint.load_ema_snapshots`.
+        sigma_rel: the relative width wanted (EDM2 found 0.05 to 0.15 best for most models).
+        step: where the reconstructed average ends (default: the last snapshot's step).
+
+    Returns:
+        a parameter tree like the snapshots' (same dtypes), summed in float64.
+
+    Example:
+        >>> params = posthoc_ema(load_ema_snapshots(run / "ema_snapshots", abstract), 0.08)  # doctest: +SKIP
+    """
+    snapshots = list(snapshots)
+    if not snapshots:
+        raise ValueError("posthoc_ema needs at least one snapshot.")
+    x = posthoc_ema_weights(
+        [s.step for s in snapshots], [s.gamma for s in snapshots], sigma_rel, step
+    )
+
+    def combine(*leaves):
+        total = sum(w * np.asarray(a, np.float64) for w, a in zip(x, leaves, strict=True))
+        return jnp.asarray(total.astype(np.asarray(leaves[0]).dtype))
+
+    return jax.tree.map(combine, *[s.params for s in snapshots])
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent compilation cache
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def persistent_compilation_cache(directory, *, min_compile_time_s: float | None = None):
+    """Use JAX's persistent compilation cache (``jax_compilation_cache_dir``) inside the block.
+
+    Compiled programs are written to ``directory`` and loaded from it by any later process with
+    the same program, JAX version and flags: a resumed or repeated run skips compilation. The
+    previous setting is restored on exit.
+
+    Args:
+        directory: the cache folder (created if needed), or ``None`` for no cache in the block.
+        min_compile_time_s: cache only programs that took at least this long to compile (JAX's
+            default, 1 s, when ``None``).
+
+    Example:
+        >>> with persistent_compilation_cache("runs/cache"):   # doctest: +SKIP
+        ...     state, metrics = train_step(state, batch)
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    if directory is not None:
+        directory = Path(directory).absolute()
+        directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update(names[0], None if directory is None else str(directory))
+    if min_compile_time_s is not None:
+        jax.config.update(names[1], float(min_compile_time_s))
+    cc.reset_cache()
+    try:
+        yield directory
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()
