@@ -36,10 +36,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxdiff
-from experiments import configs
-from experiments import sample as sampling
+from experiments import classifier, common, configs
 from experiments import train as training_script
-from jaxdiff import metrics, samplers, schedules, sde
+from jaxdiff import fitted_grids, metrics, samplers, schedules, sde
 
 __all__ = ["DemoConfig", "SAMPLERS", "run_demo", "main"]
 
@@ -59,34 +58,34 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler of the comparison: its label, factory ``factory(process)`` and grid
-    ``grid(process, n)``, or, for a grid fitted to the model (``fitted=True``),
+    """A sampler of the comparison: its label, its name in :data:`experiments.common.SAMPLERS`
+    and its grid ``grid(process, n)``, or, for a grid fitted to the model (``fitted=True``),
     ``grid(process, ns, denoise, warm) -> {n: grid}`` for all step counts ``ns`` at once from the
     warm-up noise ``warm``."""
 
     label: str
-    factory: Callable
+    sampler: str
     grid: Callable
     fitted: bool = False
+
+    def make(self, process) -> samplers.Sampler:
+        return common.make_sampler(self.sampler, process)
 
 
 def _gits(process, ns, denoise, warm):
     """GITS grids for the step counts ``ns`` (one teacher solve and cost matrix for all)."""
-    return dict(zip(ns, schedules.gits(process, denoise, warm, tuple(ns)), strict=True))
+    costs = fitted_grids.step_costs(process, denoise, warm)
+    return {n: costs.grid(n) for n in ns}
 
 
 SAMPLERS = (
-    SamplerSpec("DDPM", samplers.ddpm, schedules.uniform),
-    SamplerSpec("DDIM", samplers.ddim, schedules.uniform),
-    SamplerSpec("Heun", samplers.heun, schedules.karras),
-    SamplerSpec(
-        "DPM-Solver-3", lambda p: samplers.dpm_solver(p, order=3), schedules.log_snr_uniform
-    ),
-    SamplerSpec(
-        "DPM-Solver++(2M)", lambda p: samplers.dpm_solver_pp(p, order=2), schedules.log_snr_uniform
-    ),
-    SamplerSpec("iPNDM", samplers.ipndm, schedules.karras),
-    SamplerSpec("DDIM on GITS", samplers.ddim, _gits, fitted=True),
+    SamplerSpec("DDPM", "ddpm", schedules.uniform),
+    SamplerSpec("DDIM", "ddim", schedules.uniform),
+    SamplerSpec("Heun", "heun", schedules.karras),
+    SamplerSpec("DPM-Solver-3", "dpm_solver_3", schedules.log_snr_uniform),
+    SamplerSpec("DPM-Solver++(2M)", "dpm_solver_pp_2", schedules.log_snr_uniform),
+    SamplerSpec("iPNDM", "ipndm", schedules.karras),
+    SamplerSpec("DDIM on GITS", "ddim", _gits, fitted=True),
 )
 WARMUP = 64  # warm-up samples of the GITS grid (Chen et al. 2024 use a few hundred)
 DIFFRAX_RTOLS = (1e-1, 1e-2, 1e-3)
@@ -128,14 +127,14 @@ class Quality:
     def __init__(self, preset: str, reference: np.ndarray):
         self.preset, self.reference = preset, reference
         self.name = "SW2" if preset == "toy2d" else "FD (classifier features)"
-        self.classifier = metrics.digits_classifier() if preset == "digits" else None
+        self.classifier = classifier.digits_classifier() if preset == "digits" else None
 
     def floor(self, seed: int) -> float:
         """The measure between two independent data sets: the best a sampler can score."""
         if self.classifier is None:
             other = jaxdiff.data.toy_2d("moons", len(self.reference), seed=seed + 999).x
             return self(other)
-        x, _ = metrics.digits_data()
+        x, _ = classifier.digits_data()
         half = len(x) // 2
         return metrics.fd_classifier(x[:half], x[half:], self.classifier)
 
@@ -155,7 +154,7 @@ def _reference(preset: str, n: int, seed: int) -> np.ndarray:
     """Data the model did not train on (toy) or the whole digits set (classifier reference)."""
     if preset == "toy2d":
         return jaxdiff.data.toy_2d("moons", n, seed=seed + 12345).x
-    return metrics.digits_data()[0]
+    return classifier.digits_data()[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,26 +166,21 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _steps(sampler, process, nfe: int) -> int:
-    """The step count whose NFE is nearest ``nfe``, the sampler's cost per step read off its step."""
-    return sampling.steps_for_nfe(sampling.nfe_per_step(sampler, process), nfe)
-
-
 def _fitted_grids(spec: SamplerSpec, process, nfes, warmup) -> dict:
     """``{nfe: grid}`` of a grid fitted to the model, every NFE from one fit."""
     if warmup is None:
         raise ValueError(f"{spec.label} fits its grid to the model: pass warmup=(denoise, x).")
-    sampler = spec.factory(process)
-    steps = {nfe: _steps(sampler, process, nfe) for nfe in nfes}
+    sampler = spec.make(process)
+    steps = {nfe: sampler.steps_for_nfe(nfe) for nfe in nfes}
     grids = spec.grid(process, sorted(set(steps.values())), *warmup)
     return {nfe: grids[n] for nfe, n in steps.items()}
 
 
 def _scan_sampler(spec: SamplerSpec, process, denoise, x_T, nfe: int, key, ts=None):
     """Samples, NFE and seconds of ``spec`` at the target ``nfe`` (on ``ts`` if given)."""
-    sampler = spec.factory(process)
+    sampler = spec.make(process)
     if ts is None:
-        ts = spec.grid(process, _steps(sampler, process, nfe))
+        ts = spec.grid(process, sampler.steps_for_nfe(nfe))
     run = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key)  # noqa: E731
     _timed(run)  # compile
     result, seconds = _timed(run)
@@ -244,15 +238,6 @@ def compare_samplers(
 # ----------------------------------------------------------------------------------------------
 # Figures and report
 # ----------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _show(ax, x, preset, title, color="C0"):
     if preset == "toy2d":
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4, color=color)
@@ -260,7 +245,7 @@ def _show(ax, x, preset, title, color="C0"):
         ax.set_ylim(-2.0, 2.5)
         ax.set_aspect("equal")
     else:
-        ax.imshow(sampling.image_grid(np.asarray(x[:64])), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(common.image_grid(np.asarray(x[:64])), cmap="gray", vmin=0, vmax=1)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -268,7 +253,7 @@ def _show(ax, x, preset, title, color="C0"):
 
 def plot_samples(out: Path, preset, data, samples, rows) -> list[Path]:
     """One PNG per sampler: the data, then the samples at each NFE."""
-    plt, paths = _plt(), []
+    plt, paths = common.pyplot(), []
     for label in dict.fromkeys(r["sampler"] for r in rows):
         mine = [r for r in rows if r["sampler"] == label]
         fig, axes = plt.subplots(1, len(mine) + 1, figsize=(2.6 * (len(mine) + 1), 2.8))
@@ -291,7 +276,7 @@ def _slug(label: str) -> str:
 
 
 def plot_quality(out: Path, rows, quality_name: str, floor: float) -> Path:
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(floor, color="k", lw=0.8, ls=":", label="data vs data")
     for label in dict.fromkeys(r["sampler"] for r in rows):
@@ -313,7 +298,7 @@ def plot_quality(out: Path, rows, quality_name: str, floor: float) -> Path:
 
 def plot_trajectories(out: Path, preset, process, denoise, x_T, data) -> tuple[Path, dict]:
     """Sampling and denoising trajectories of DDIM (50 steps) with their chord deviations."""
-    plt = _plt()
+    plt = common.pyplot()
     ts = schedules.uniform(process, 50)
     res = jaxdiff.sample(samplers.ddim(process), denoise, x_T, ts, save_trajectory=True)
     xs, den = np.asarray(res.xs[:-1]), np.asarray(res.denoised)
@@ -339,7 +324,7 @@ def plot_trajectories(out: Path, preset, process, denoise, x_T, data) -> tuple[P
         for k, i in enumerate(steps):
             for row, traj, name in ((0, xs, "x_t"), (1, den, "D(x_t)")):
                 ax = axes[row, k]
-                ax.imshow(sampling.image_grid(traj[i, :16]), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(common.image_grid(traj[i, :16]), cmap="gray", vmin=0, vmax=1)
                 ax.set_title(f"{name}, step {i}", fontsize=7)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -355,7 +340,7 @@ def plot_loss(out: Path, model_dir: Path) -> Path | None:
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set_xlabel("step")
@@ -423,9 +408,9 @@ def run_demo(c: DemoConfig) -> dict:
     train_cfg = _train_config(c)
     print(f"[demo] training {train_cfg.model.kind} on {train_cfg.data.name} -> {train_cfg.workdir}")
     training_script.train(train_cfg)
-    run = sampling.load_run(train_cfg.workdir)
+    run = common.load_run(train_cfg.workdir)
     n = c.num_samples or (1000 if c.fast else 2000 if c.preset == "toy2d" else 256)
-    denoise = sampling.run_denoiser(run, labels=_null_labels(run, n))
+    denoise = common.run_denoiser(run, labels=common.null_labels(run, n))
     key = jax.random.key(c.seed)
     x_T = run.process.prior_sample((n, *run.shape), key=jax.random.fold_in(key, 1))
     reference = _reference(c.preset, n, c.seed)
@@ -433,7 +418,7 @@ def run_demo(c: DemoConfig) -> dict:
     nfes = (10,) if c.fast else c.nfes
     rtols = (1e-2,) if c.fast else DIFFRAX_RTOLS
     warm = run.process.prior_sample((WARMUP, *run.shape), key=jax.random.fold_in(key, 3))
-    warmup = (sampling.run_denoiser(run, labels=_null_labels(run, WARMUP)), warm)
+    warmup = (common.run_denoiser(run, labels=common.null_labels(run, WARMUP)), warm)
     rows, samples = compare_samplers(
         run.process, denoise, x_T, nfes, quality, key=jax.random.fold_in(key, 2), rtols=rtols,
         warmup=warmup,
@@ -443,7 +428,7 @@ def run_demo(c: DemoConfig) -> dict:
     floor = quality.floor(c.seed)
     paths.append(plot_quality(out, rows, quality.name, floor))
     m = min(n, 200)
-    denoise_m = sampling.run_denoiser(run, labels=_null_labels(run, m))
+    denoise_m = common.run_denoiser(run, labels=common.null_labels(run, m))
     traj_path, stats = plot_trajectories(out, c.preset, run.process, denoise_m, x_T[:m], shown)
     paths += [traj_path, plot_loss(out, Path(train_cfg.workdir))]
     seconds = time.perf_counter() - t0
@@ -453,11 +438,6 @@ def run_demo(c: DemoConfig) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _print_summary(out, rows, quality.name, [p for p in paths if p is not None], seconds)
     return result
-
-
-def _null_labels(run, n: int):
-    """Unconditional sampling of a class-conditional network: the null class for every sample."""
-    return None if run.num_classes is None else jnp.full((n,), run.num_classes)
 
 
 def _print_summary(out: Path, rows, quality_name: str, paths, seconds: float):

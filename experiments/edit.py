@@ -35,6 +35,7 @@ import numpy as np
 import tyro
 
 import jaxdiff
+from experiments import common
 from jaxdiff import analytic, editing, samplers, schedules
 from jaxdiff import data as jdata
 
@@ -47,7 +48,7 @@ def load_model(args):
     if args.exact:
         process = jaxdiff.VP()
         return analytic.Empirical(jnp.asarray(digits)).denoiser(process), process, digits
-    from experiments.sample import load_denoiser
+    from experiments.common import load_denoiser
 
     denoise, process, config = load_denoiser(args.model_dir)
     if config.data.name != "digits":
@@ -103,11 +104,7 @@ def start_grid(process, t0: float, n: int):
 
 def save_rows(path: Path, rows: list[tuple[str, np.ndarray]], title: str):
     """One figure, one labelled row of images per entry (NHWC in ``[-1, 1]``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     cols = max(len(r) for _, r in rows)
     fig, axes = plt.subplots(len(rows), 1, figsize=(0.75 * cols + 1.6, 0.8 * len(rows) + 0.6))
     for ax, (label, imgs) in zip(np.atleast_1d(axes), rows, strict=True):

@@ -1,6 +1,6 @@
 r"""Evaluate a trained run: ``python -m experiments.evaluate RUN_DIR [--nfe 5 10 20 50]``.
 
-Loads the latest checkpoint of ``RUN_DIR`` (EMA parameters, :func:`experiments.sample.load_run`)
+Loads the latest checkpoint of ``RUN_DIR`` (EMA parameters, :func:`experiments.common.load_run`)
 and measures
 
 - **likelihood** through the probability-flow ODE (:mod:`jaxdiff.likelihood`): for vector data
@@ -18,13 +18,14 @@ and measures
 - **sample quality** of every sampler at every target NFE: the sliced 2-Wasserstein distance and
   the MMD to fresh data for vector data; for labelled images, the Frechet distance in the feature
   space of a classifier trained on the data set (:func:`jaxdiff.metrics.fd_classifier`; the
-  digits classifier of :func:`jaxdiff.metrics.digits_classifier`), with samples of every class in
+  digits classifier of :func:`experiments.classifier.digits_classifier`), with samples of every class in
   turn from a class-conditional network. A ``data`` row gives the metric between two sets of real
   data of the same sizes: the floor set by the finite sample.
 
 **NFE accounting.** Samplers differ in network evaluations per step (Heun and the diffrax Heun
 PF-ODE 2, DPM-Solver-3 3; the final step into ``t = 0`` costs one). Each sampler gets the number of
-grid steps whose NFE is nearest to the target (ties go to the cheaper grid), and the table reports
+grid steps whose NFE is nearest to the target (``sampler.steps_for_nfe``; ties go to the cheaper
+grid), and the table reports
 the NFE the sampler actually used (``SampleResult.nfe``; for diffrax, twice its accepted steps
 plus the final denoising).
 
@@ -58,23 +59,11 @@ import tyro
 from tqdm.auto import tqdm
 
 import jaxdiff
-from experiments import configs
-from experiments import sample as sampling
-from experiments.sample import nfe_per_step, steps_for_nfe
+from experiments import classifier, common, configs
 from jaxdiff import data as jdata
 from jaxdiff import likelihood, metrics, samplers
 
-__all__ = [
-    "EvalConfig",
-    "SAMPLERS",
-    "Method",
-    "make_method",
-    "nfe_per_step",
-    "steps_for_nfe",
-    "evaluate",
-    "markdown_table",
-    "main",
-]
+__all__ = ["EvalConfig", "SAMPLERS", "Method", "make_method", "evaluate", "markdown_table", "main"]
 
 SAMPLERS = (
     "ddpm",
@@ -85,8 +74,7 @@ SAMPLERS = (
     "ipndm",
     "unipc",
     "diffrax_heun",
-)
-GRIDS = ("karras", "uniform", "log_snr_uniform", "quadratic")
+)  # names of experiments.common.SAMPLERS, and the diffrax probability-flow ODE
 
 
 @dataclass(frozen=True)
@@ -128,27 +116,31 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 2; got {getattr(self, name)}.")
         if self.nll_examples < 0:
             raise ValueError(f"nll_examples must be >= 0; got {self.nll_examples}.")
-        if self.grid not in GRIDS:
-            raise ValueError(f"unknown grid {self.grid!r}; choose one of {', '.join(GRIDS)}.")
+        common.choose(common.GRIDS, "grid", self.grid)
 
 
 # ----------------------------------------------------------------------------------------------
 # Samplers with their NFE accounting
 # ----------------------------------------------------------------------------------------------
 class Method(NamedTuple):
-    """A way to sample: ``run(denoise, x_T, ts, key) -> (x, nfe)``, ``per_step`` NFE per step."""
+    """A way to sample: ``run(denoise, x_T, ts, key) -> (x, nfe)``; ``sampler`` is the scan sampler
+    whose NFE accounting it shares (``nfe_per_step``, ``steps_for_nfe``)."""
 
     name: str
     run: Callable
-    per_step: int
+    sampler: samplers.Sampler
+
+    @property
+    def per_step(self) -> int:
+        return self.sampler.nfe_per_step
 
 
-def _scan_method(name: str, sampler: samplers.Sampler, process) -> Method:
+def _scan_method(name: str, sampler: samplers.Sampler) -> Method:
     def run(denoise, x_T, ts, key):
         res = jaxdiff.sample(sampler, denoise, x_T, ts, key=key)
         return res.x, int(res.nfe)
 
-    return Method(name, run, nfe_per_step(sampler, process))
+    return Method(name, run, sampler)
 
 
 @eqx.filter_jit
@@ -167,29 +159,16 @@ def _diffrax_method(process) -> Method:
         x, steps = _pf_ode_heun(process, denoise, x_T, ts)
         return x, 2 * int(steps) + 1  # Heun: 2 evaluations per step (no FSAL), + final D
 
-    return Method("diffrax_heun", run, 2)
+    return Method("diffrax_heun", run, samplers.heun(process))  # the same NFE accounting
 
 
 def make_method(name: str, process) -> Method:
     """The sampler ``name`` of :data:`SAMPLERS` for ``process``."""
-    match name:
-        case "ddpm":
-            return _scan_method(name, samplers.ddpm(process), process)
-        case "ddim":
-            return _scan_method(name, samplers.ddim(process), process)
-        case "heun":
-            return _scan_method(name, samplers.heun(process), process)
-        case "dpm_solver_3":
-            return _scan_method(name, samplers.dpm_solver(process, order=3), process)
-        case "dpm_solver_pp_2":
-            return _scan_method(name, samplers.dpm_solver_pp(process, order=2), process)
-        case "ipndm":
-            return _scan_method(name, samplers.ipndm(process), process)
-        case "unipc":
-            return _scan_method(name, samplers.unipc(process), process)
-        case "diffrax_heun":
-            return _diffrax_method(process)
-    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}.")
+    if name == "diffrax_heun":
+        return _diffrax_method(process)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}.")
+    return _scan_method(name, common.make_sampler(name, process))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +223,9 @@ def make_quality(run, config: EvalConfig) -> Quality:
         )
     real = np.asarray(ds.x)
     if run.config.data.name == "digits":
-        clf = metrics.digits_classifier(cache_dir=config.cache_dir)
+        clf = classifier.digits_classifier(cache_dir=config.cache_dir)
     else:
-        clf = metrics.feature_classifier(
+        clf = classifier.feature_classifier(
             real, ds.y, name=run.config.data.name, cache_dir=config.cache_dir
         )
     half = np.random.default_rng(config.seed).permutation(len(real))
@@ -299,8 +278,8 @@ def nll(run, denoise, config: EvalConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 def evaluate(run, config: EvalConfig) -> dict:
     """NLL and the quality of every sampler at every target NFE; a JSON-ready dict."""
-    labels = sampling.default_labels(run, config.num_samples)
-    denoise = sampling.run_denoiser(run, labels=labels)  # conditional: every class in turn
+    labels = common.default_labels(run, config.num_samples)
+    denoise = common.run_denoiser(run, labels=labels)  # conditional: every class in turn
     key = jax.random.key(config.seed)
     x_T = run.process.prior_sample((config.num_samples, *run.shape), key=jax.random.fold_in(key, 0))
     quality = make_quality(run, config)
@@ -309,8 +288,8 @@ def evaluate(run, config: EvalConfig) -> dict:
     methods = {s: make_method(s, run.process) for s in config.samplers}
     for name, target in tqdm(jobs, desc="samplers", disable=not config.progress):
         m = methods[name]
-        n = steps_for_nfe(m.per_step, target)
-        ts = sampling.make_grid(config.grid, run.process, n)
+        n = m.sampler.steps_for_nfe(target)
+        ts = common.make_grid(config.grid, run.process, n)
         start = time.perf_counter()
         x, nfe = m.run(denoise, x_T, ts, jax.random.fold_in(key, 1))
         x = np.asarray(x)
@@ -329,7 +308,7 @@ def evaluate(run, config: EvalConfig) -> dict:
         "rows": rows,
     }
     if config.nll_examples:
-        uncond = sampling.run_denoiser(run)  # a conditional network with the null class: p(x)
+        uncond = common.run_denoiser(run)  # a conditional network with the null class: p(x)
         result["nll"] = nll(run, uncond, config)
     return result
 
@@ -378,12 +357,9 @@ def markdown_table(result: dict) -> str:
 
 def plot(path: Path, result: dict):
     """Primary quality metric against the NFE actually used, one line per sampler (log-log)."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     key = result["primary"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name in dict.fromkeys(r["sampler"] for r in result["rows"]):
@@ -410,7 +386,7 @@ def parse_args(argv=None) -> EvalConfig:
 
 def main(argv=None) -> dict:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    run = sampling.load_run(config.run_dir)
+    run = common.load_run(config.run_dir)
     out = Path(config.workdir or Path(config.run_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(run, config)

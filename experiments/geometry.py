@@ -36,7 +36,8 @@ import tyro
 from tqdm.auto import tqdm
 
 import jaxdiff
-from jaxdiff import geometry, samplers, schedules
+from experiments import common
+from jaxdiff import fitted_grids, geometry, samplers, schedules
 from jaxdiff.analytic import GaussianMixture
 
 __all__ = ["GeometryConfig", "mixture_target", "main"]
@@ -98,7 +99,7 @@ def load_target(config: GeometryConfig, key):
         ref = mix.sample(config.reference_points, key=key)
         return "Gaussian mixture (6 components, 8-d), EDM", process, mix.denoiser(process), ref
     from experiments import configs
-    from experiments.sample import load_denoiser
+    from experiments.common import load_denoiser
 
     denoise, process, cfg = load_denoiser(config.run_dir)
     data = jnp.asarray(configs.load_data(cfg).x)
@@ -106,9 +107,8 @@ def load_target(config: GeometryConfig, key):
 
 
 # --- analyses ------------------------------------------------------------------------------------
-def noise_levels(process, ts):
-    r""":math:`\tilde\sigma_t = \sigma_t/\alpha_t` of a grid (0 at a final 0)."""
-    return np.asarray(jnp.where(ts > 0, process.sigma(ts) / process.alpha(ts), 0.0))
+def _sigma(process, ts) -> np.ndarray:
+    return np.asarray(schedules.noise_levels(process, ts))
 
 
 def trajectories(config, process, denoise, reference, shape, dtype, key):
@@ -168,7 +168,7 @@ def schedule_study(config, process, denoise, shape, dtype, key):
     """DDIM on GITS vs hand-made grids; DPM-Solver++(2M) and iPNDM on optimized vs hand-made."""
     noise = process.prior_sample((config.warmup + config.held_out, *shape), key=key, dtype=dtype)
     fine = schedules.log_snr_uniform(process, config.teacher_steps, dtype=dtype)
-    ref = schedules.fine_trajectory(process, denoise, noise, fine)[-1]
+    ref = fitted_grids.fine_trajectory(process, denoise, noise, fine)[-1]
     warm, warm_ref = noise[: config.warmup], ref[: config.warmup]
     test, test_ref = noise[config.warmup :], ref[config.warmup :]
     rows, grids = [], {}
@@ -183,13 +183,13 @@ def schedule_study(config, process, denoise, shape, dtype, key):
         )
     ]
     # every DDIM grid from one GITS teacher solve and cost matrix
-    fitted = schedules.gits(process, denoise, warm[: config.warmup // 2], tuple(config.nfes))
-    gits_grids = dict(zip(config.nfes, fitted, strict=True))
+    costs = fitted_grids.step_costs(process, denoise, warm[: config.warmup // 2])
+    gits_grids = {n: costs.grid(n) for n in config.nfes}
     for name, sampler, n in tqdm(jobs, desc="schedules", disable=not config.progress):
         if name == "DDIM":
             fitted, label = gits_grids[n], "GITS"
         else:
-            fitted = schedules.optimize(
+            fitted = fitted_grids.optimize(
                 sampler, denoise, warm, n, teacher=warm_ref, steps=config.opt_steps
             )
             label = "optimized"
@@ -211,18 +211,9 @@ def schedule_study(config, process, denoise, shape, dtype, key):
 
 
 # --- figures -------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_trajectories(out: Path, tr, process, title):
-    plt = _plt()
-    sig = noise_levels(process, tr["ts"])
+    plt = common.pyplot()
+    sig = _sigma(process, tr["ts"])
     files = {}
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -269,7 +260,7 @@ def plot_trajectories(out: Path, tr, process, title):
 
 
 def plot_schedules(out: Path, rows, grids, process, title):
-    plt = _plt()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.8), squeeze=False)
     for ax, ((name, n), (label, fitted, hand, best)), row in zip(
         axes[0], grids.items(), rows, strict=True
@@ -279,7 +270,7 @@ def plot_schedules(out: Path, rows, grids, process, title):
             (hand, f"{best}: {row['best_hand_error']:.3f}"),
         ):
             ts = jnp.asarray(g)
-            ax.plot(np.arange(len(g) - 1), noise_levels(process, ts)[:-1], "-o", ms=3, label=lab)
+            ax.plot(np.arange(len(g) - 1), _sigma(process, ts)[:-1], "-o", ms=3, label=lab)
         ax.set(yscale="log", title=f"{name}, NFE {n}", xlabel="step", ylabel=r"$\tilde\sigma$")
         ax.legend(fontsize=7)
     fig.suptitle(f"Fitted vs best hand-made grids (error on held-out samples)\n{title}")
@@ -289,7 +280,7 @@ def plot_schedules(out: Path, rows, grids, process, title):
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    common.pyplot().close(fig)
     return str(path)
 
 

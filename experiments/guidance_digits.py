@@ -16,7 +16,7 @@ r"""Guidance on digits: class accuracy of generated digits against the guidance 
    (:func:`jaxdiff.training.classifier_loss`; ``--classifier-steps``, 0 skips it), at each scale
    of ``--clf-scales``.
 4. All scales start from the same noise; the scale is a traced argument, so each method compiles
-   once. The samples are judged by :func:`jaxdiff.metrics.digits_classifier` (an MLP trained on
+   once. The samples are judged by :func:`experiments.classifier.digits_classifier` (an MLP trained on
    the clean digits, cached under ``--cache-dir``): class accuracy (fraction classified as the
    requested digit) and the Frechet distance of its features to the real digits
    (:func:`jaxdiff.metrics.fd_classifier`).
@@ -47,8 +47,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import jaxdiff
-from experiments import configs
-from experiments import sample as sampling
+from experiments import classifier, common, configs
 from experiments import train as training_script
 from jaxdiff import data as jdata
 from jaxdiff import guidance, metrics, nets, training
@@ -106,7 +105,7 @@ class GuidanceConfig:
             raise ValueError("give at least one classifier-free guidance scale.")
 
 
-def train_digits(config: GuidanceConfig) -> sampling.Run:
+def train_digits(config: GuidanceConfig) -> common.Run:
     """Train or resume the small conditional ``digits`` model in ``config.workdir``; load it."""
     preset = configs.get_preset("digits")
     model = dataclasses.replace(
@@ -122,10 +121,10 @@ def train_digits(config: GuidanceConfig) -> sampling.Run:
         sample_steps=config.sample_steps,
     )  # fmt: skip
     training_script.train(run_config)
-    return sampling.load_run(config.workdir)
+    return common.load_run(config.workdir)
 
 
-def train_noisy_classifier(run: sampling.Run, config: GuidanceConfig):
+def train_noisy_classifier(run: common.Run, config: GuidanceConfig):
     r"""A noise-conditional classifier of :math:`p_t(y\mid x_t)` under the run's process.
 
     Cross-entropy on :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`, :math:`t\sim U[t_{min},
@@ -174,10 +173,10 @@ def evaluate_scales(run, config: GuidanceConfig, judge, real, logits_fn=None) ->
     labels = jnp.repeat(jnp.arange(run.num_classes), config.per_class)
     key = jax.random.key(config.seed)
     x_T = run.process.prior_sample((labels.shape[0], *run.shape), key=jax.random.fold_in(key, 0))
-    ts = sampling.make_grid("uniform", run.process, config.sample_steps)
-    sampler = sampling.make_sampler(config.sampler, run.process)  # built once: one compilation
+    ts = common.make_grid("uniform", run.process, config.sample_steps)
+    sampler = common.make_sampler(config.sampler, run.process)
     k = jax.random.fold_in(key, 1)
-    cfg = functools.partial(sampling.run_denoiser, run, labels=labels)
+    cfg = functools.partial(common.run_denoiser, run, labels=labels)
     rows = [
         dict(method="classifier-free", **r)
         for r in _sample_scales(
@@ -186,7 +185,7 @@ def evaluate_scales(run, config: GuidanceConfig, judge, real, logits_fn=None) ->
         )
     ]  # fmt: skip
     if logits_fn is not None:
-        uncond = sampling.run_denoiser(run)  # the null class
+        uncond = common.run_denoiser(run)  # the null class
         log_prob = guidance.log_prob_from_logits(logits_fn, labels)
         rows += [
             dict(method="classifier", **r)
@@ -204,11 +203,7 @@ def evaluate_scales(run, config: GuidanceConfig, judge, real, logits_fn=None) ->
 
 def write_grid(path: Path, rows, num_classes: int, per_class: int, columns: int = 10):
     """One panel per method and scale; in each, row ``k`` shows samples of class ``k``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     cols = min(columns, per_class)
     fig, axes = plt.subplots(1, len(rows), figsize=(2.3 * len(rows), 2.8), squeeze=False)
     for ax, row in zip(axes[0], rows, strict=True):
@@ -234,7 +229,7 @@ def markdown_table(rows, *, train_steps: int, config: GuidanceConfig, notes: str
         f"{config.sampler}, {rows[0]['nfe']} NFE per sample (classifier-free: each NFE evaluates "
         f"the doubled batch; classifier: plus a classifier gradient), {config.per_class} samples "
         "per class from the same noise for every scale; judged by "
-        "`jaxdiff.metrics.digits_classifier`. " + notes,
+        "`experiments.classifier.digits_classifier`. " + notes,
         "",
         "| method | scale | class accuracy | FD (classifier features) | sampling seconds |",
         "|---|---:|---:|---:|---:|",
@@ -255,8 +250,8 @@ def main(argv=None) -> list[dict]:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = Path(config.workdir)
     run = train_digits(config)
-    judge = metrics.digits_classifier(cache_dir=config.cache_dir)
-    real, real_labels = metrics.digits_data()
+    judge = classifier.digits_classifier(cache_dir=config.cache_dir)
+    real, real_labels = classifier.digits_data()
     logits_fn, clf_loss = None, None
     if config.classifier_steps:
         logits_fn, clf_loss = train_noisy_classifier(run, config)

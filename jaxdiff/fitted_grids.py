@@ -42,7 +42,15 @@ from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
 from jaxdiff.samplers import Sampler, check_grid, ddim, heun, sample
 from jaxdiff.samplers.base import grid_dtype
-from jaxdiff.schedules import append_zero, check_steps, karras, log_snr_uniform, polynomial, uniform
+from jaxdiff.schedules import (
+    append_zero,
+    check_steps,
+    karras,
+    log_snr_uniform,
+    noise_levels,
+    polynomial,
+    uniform,
+)
 
 __all__ = [
     "fine_trajectory",
@@ -64,12 +72,6 @@ def _process_of(sampler):
             "jaxdiff.samplers (e.g. ddim(process))."
         )
     return sampler.process
-
-
-def _noise_levels(process: Process, ts):
-    r""":math:`\tilde\sigma_t = \sigma_t/\alpha_t` of each time of ``ts``, 0 at a time 0."""
-    positive = ts > 0
-    return jnp.where(positive, process.noise_level(jnp.where(positive, ts, ts[0])), 0.0)
 
 
 # --- the teacher -----------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def propagation_weights(process: Process, ts, data_std):
     :math:`d\delta/d\tilde\sigma = \tilde\sigma\,\delta/(s^2 + \tilde\sigma^2)`. ``data_std`` is
     :math:`s`; a final 0 in ``ts`` gets weight 1.
     """
-    sig = _noise_levels(process, jnp.asarray(ts))
+    sig = noise_levels(process, ts)
     return data_std / jnp.sqrt(data_std**2 + sig**2)
 
 

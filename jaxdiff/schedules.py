@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxdiff.processes import Process
 
 __all__ = ["uniform", "quadratic", "log_snr_uniform", "karras", "polynomial", "append_zero"]
-__all__ += ["check_steps"]
+__all__ += ["check_steps", "noise_levels"]
 
 
 def check_steps(n):
@@ -98,6 +98,13 @@ def karras(process: Process, n: int, rho: float = 7.0, *, dtype=None):
     u = _ramp(n, t_ends.dtype)
     sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return append_zero(_clip(process, process.t_from_noise_level(sig)))
+
+
+def noise_levels(process: Process, ts):
+    r"""EDM noise levels :math:`\tilde\sigma_t = \sigma_t/\alpha_t` of a grid, 0 at a final 0."""
+    ts = jnp.asarray(ts)
+    positive = ts > 0
+    return jnp.where(positive, process.noise_level(jnp.where(positive, ts, ts[0])), 0.0)
 
 
 def _clip(process, ts):

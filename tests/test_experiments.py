@@ -8,7 +8,7 @@ import pytest
 from _toy_run import tiny_toy_args
 
 import jaxdiff
-from experiments import configs
+from experiments import common, configs
 from experiments import sample as sampling
 from experiments import train as train_script
 
@@ -84,12 +84,17 @@ def test_sampler_names_and_nfe_on_the_command_line(run_dir):
         sampling.main([str(workdir), "--sampler", "rk4"])
     with pytest.raises(SystemExit):
         sampling.main([str(workdir), "--nfe", "0"])
-    # every offered name is a jaxdiff sampler whose NFE per step is read off its step
+    # every offered name is a sampler of the one table, whose NFE per step it reports itself
     vp = jaxdiff.VP()
-    per_step = {
-        n: sampling.nfe_per_step(sampling.make_sampler(n, vp), vp) for n in sampling.SAMPLER_NAMES
-    }
-    assert per_step == {n: 2 if n in ("heun", "dpm_solver") else 1 for n in sampling.SAMPLER_NAMES}
+    assert sampling.SAMPLER_NAMES == tuple(common.SAMPLERS)
+    per_step = {n: common.make_sampler(n, vp).nfe_per_step for n in sampling.SAMPLER_NAMES}
+    expected = {n: 2 if n in ("heun", "dpm_solver") else 1 for n in sampling.SAMPLER_NAMES}
+    assert per_step == expected | {"dpm_solver_3": 3}
+    # the same settings build an equal, hashable sampler: sampling again compiles nothing new
+    assert common.make_sampler("heun", vp) == common.make_sampler("heun", vp)
+    assert len({common.make_sampler("unipc", vp), common.make_sampler("unipc", vp)}) == 1
+    with pytest.raises(ValueError, match="unknown grid 'cosine'; available: karras"):
+        sampling.main([str(workdir), "--grid", "cosine"])
 
 
 def test_missing_data_files_are_a_clear_error(tmp_path):
@@ -107,6 +112,8 @@ def test_missing_data_files_are_a_clear_error(tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         sampling.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="give the run folder"):
+        sampling.main([])
 
 
 def test_nan_loss_stops_training_without_checkpoint(tmp_path, monkeypatch):

@@ -44,7 +44,12 @@ def test_nfe_per_step_of_each_sampler():
         "ddpm": 1, "ddim": 1, "heun": 2, "dpm_solver_3": 3, "dpm_solver_pp_2": 1,
         "ipndm": 1, "unipc": 1, "diffrax_heun": 2,
     }  # fmt: skip
-    assert eval_script.nfe_per_step(samplers.dpm_solver(vp, order=2), vp) == 2
+    assert samplers.dpm_solver(vp, order=2).nfe_per_step == 2
+
+
+# samplers with 1, 2 and 3 evaluations per step
+BY_PER_STEP = {1: samplers.ddim(jaxdiff.VP()), 2: samplers.heun(jaxdiff.VP())}
+BY_PER_STEP[3] = samplers.dpm_solver(jaxdiff.VP(), order=3)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +59,8 @@ def test_nfe_per_step_of_each_sampler():
      (3, 20, 7), (3, 50, 17), (1, 3, 3), (3, 3, 2)],
 )  # fmt: skip
 def test_steps_for_nfe_is_nearest(per_step, target, steps):
-    assert eval_script.steps_for_nfe(per_step, target) == steps
+    assert BY_PER_STEP[per_step].nfe_per_step == per_step
+    assert BY_PER_STEP[per_step].steps_for_nfe(target) == steps
     best = min(abs((n - 1) * per_step + 1 - target) for n in range(2, 100))
     assert abs((steps - 1) * per_step + 1 - target) == best
 
