@@ -90,8 +90,12 @@ class Config:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     batch_size: int = 256
+    grad_accum: int = 1  # micro-batches per step (gradient accumulation inside the jitted step)
     steps: int = 3000
     ema_decay: float = 0.999
+    # power-function EMA widths tracked for post-hoc EMA (EDM2); empty: none
+    ema_profiles: tuple[float, ...] = (0.05, 0.10)
+    ema_snapshot_every: int | None = None  # post-hoc EMA snapshots (default: checkpoint_every)
     p_uncond: float = 0.1
     seed: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -103,6 +107,8 @@ class Config:
     sample_steps: int = 50
     num_samples: int = 1000
     progress: bool = True
+    compile_cache: bool = True  # JAX's persistent compilation cache (a rerun does not recompile)
+    compile_cache_dir: str | None = None  # default: <workdir>/jax_cache
 
     def __post_init__(self):
         if _PREDICTION_OF_LOSS[self.loss] != self.prediction:
@@ -111,9 +117,19 @@ class Config:
                 f"{_PREDICTION_OF_LOSS[self.loss]!r}, but prediction={self.prediction!r}; set "
                 f"--prediction {_PREDICTION_OF_LOSS[self.loss]}."
             )
-        for name in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
+        for name in (
+            "steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}."
+            )
+        if self.ema_snapshot_every is not None and self.ema_snapshot_every < 1:
+            raise ValueError(f"ema_snapshot_every must be >= 1, got {self.ema_snapshot_every}.")
+        for s in self.ema_profiles:
+            training.sigma_rel_to_gamma(s)  # a clear error for a width out of range
 
 
 PRESETS: dict[str, Config] = {
@@ -171,6 +187,7 @@ def from_json(text: str) -> Config:
     """Inverse of :func:`to_json` (tuples restored from JSON lists)."""
     d = json.loads(text)
     model = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("model").items()}
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return Config(model=ModelConfig(**model), data=DataConfig(**d.pop("data")), **d)
 
 

@@ -8,6 +8,21 @@ Started again on the same folder, it resumes from the latest checkpoint, data or
 ends with the same parameters as an uninterrupted run. A non-finite loss stops training with
 ``FloatingPointError`` naming the step; no checkpoint is written from it.
 
+Preemption: SIGTERM (what preemptible VMs and Slurm send) or SIGINT (Ctrl-C) lets the current step
+finish, writes a checkpoint at that step (data position included; orbax writes it to a temporary
+folder and renames it, so a kill during the save leaves the previous checkpoint), waits for it,
+prints how to resume and exits with status 128 + the signal number. A second signal stops at once.
+On several hosts the stop step is agreed at the next log interval (keep ``--log-every`` steps
+shorter than the grace period).
+
+Long runs: ``--grad-accum K`` splits each batch into K micro-batches inside the step (same update,
+memory of one micro-batch); power-function EMAs of widths ``--ema-profiles`` are tracked and
+snapshotted every ``--ema-snapshot-every`` steps into ``ema_snapshots/``, from which
+:func:`jaxdiff.checkpoint.load_posthoc_ema` builds the EMA of any width after training (EDM2);
+compiled programs go to JAX's persistent compilation cache (``--compile-cache-dir``, default
+``<workdir>/jax_cache``; ``--no-compile-cache`` turns it off), so a resumed run does not compile
+again.
+
 Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or run
 under Slurm with ``JAX_COORDINATOR_ADDRESS`` set) and start the same command on every host; each
 host reads its own shard of the data, ``batch_size`` is the global batch.
@@ -16,9 +31,13 @@ host reads its own shard of the data, ``batch_size`` is the global batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,15 +49,66 @@ from experiments import configs
 from experiments import sample as sampling
 from jaxdiff import checkpoint, data, training
 
-__all__ = ["train", "parse_args", "main"]
+__all__ = ["train", "parse_args", "main", "Preempted"]
 
-# Fields that define the network and its data: a run folder cannot resume with other values
-# (``data.path`` may change: the files may move).
-_RUN_IDENTITY = ("data", "model", "process", "prediction", "loss", "compute_dtype")
+# Fields that define the network, its data and the tracked EMAs: a run folder cannot resume with
+# other values (``data.path`` may change: the files may move).
+_RUN_IDENTITY = ("data", "model", "process", "prediction", "loss", "compute_dtype", "ema_profiles")
 
 
 class _RunMismatchError(ValueError):
     pass
+
+
+class Preempted(Exception):
+    """Training stopped by ``signal`` after writing a checkpoint at ``step`` in ``workdir``."""
+
+    def __init__(self, signum: int, step: int, workdir: Path):
+        self.signum, self.step, self.workdir = signum, step, workdir
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped after step {step} and saved it in {workdir}/checkpoints; "
+            "run the same command again to resume from it"
+        )
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set ``received`` (the loop stops after its current step); a second one
+    gets the previous handler (Ctrl-C twice stops at once). Only the main thread can do this."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self._old[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signum  # no printing here: the handler may interrupt a write to stderr
+
+    def stop_requested(self, step: int, every: int) -> bool:
+        """Whether to stop after ``step``; on several hosts all agree, at multiples of ``every``."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+        stop = int(np.max(flags))
+        self.received = self.received or (stop or None)
+        return stop != 0
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -132,7 +202,12 @@ def _setup(config):
     dataset = configs.load_data(config)
     num_classes = dataset.num_classes if config.model.class_conditional else None
     mesh = training.make_mesh()
-    optimizer, state, graphdef, rest = sampling.build(config, dataset.shape, num_classes, mesh=mesh)
+    model = configs.make_model(config, dataset.shape, num_classes)
+    optimizer = configs.make_optimizer(config)
+    state, graphdef, rest = training.init_train_state(
+        model, optimizer, key=jax.random.key(config.seed), mesh=mesh,
+        ema_profiles=config.ema_profiles,
+    )  # fmt: skip
     hosts = jax.process_count()
     if config.batch_size % hosts:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by {hosts} hosts.")
@@ -142,9 +217,16 @@ def _setup(config):
     step_fn = training.make_train_step(
         graphdef, configs.make_loss(config), configs.make_process(config), optimizer, rest=rest,
         ema_decay=config.ema_decay, p_uncond=config.p_uncond if num_classes else 0.0,
-        null_class=num_classes, mesh=mesh,
+        null_class=num_classes, mesh=mesh, grad_accum=config.grad_accum,
     )  # fmt: skip
     return dataset, num_classes, mesh, state, graphdef, rest, iterator, step_fn
+
+
+def _compile_cache(config, workdir: Path):
+    """The persistent compilation cache of the run (``<workdir>/jax_cache`` by default)."""
+    if not config.compile_cache:
+        return contextlib.nullcontext()
+    return training.persistent_compilation_cache(config.compile_cache_dir or workdir / "jax_cache")
 
 
 def train(config: configs.Config, *, progress: bool | None = None):
@@ -171,10 +253,18 @@ def train(config: configs.Config, *, progress: bool | None = None):
     """
     workdir = Path(configs.workdir_of(config))
     _check_same_run(workdir, config)
+    with _compile_cache(config, workdir):
+        return _train(config, workdir, progress)
+
+
+def _train(config, workdir: Path, progress):
     dataset, num_classes, mesh, state, graphdef, rest, it, step_fn = _setup(config)
     _write_run_files(workdir, config, dataset, num_classes)
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
+    )
+    snaps = checkpoint.EMASnapshots(
+        workdir / "ema_snapshots", every=config.ema_snapshot_every or config.checkpoint_every
     )
     restored = ckpt.restore_latest(checkpoint.abstract_state(state), it)
     start = 0 if restored is None else restored[1]
@@ -189,32 +279,40 @@ def train(config: configs.Config, *, progress: bool | None = None):
     bar = tqdm(total=config.steps, initial=start, disable=not show or jax.process_index() != 0)
     logger, history, pending = _Logger(workdir, start), [], None
     try:
-        for k in range(start + 1, config.steps + 1):
-            state, metrics = step_fn(state, training.shard_batch(mesh, next(it)))
-            if pending is not None:  # check the previous step while this one runs
+        with _StopSignals() as signals:
+            for k in range(start + 1, config.steps + 1):
+                state, metrics = step_fn(state, training.shard_batch(mesh, next(it)))
+                if pending is not None:  # check the previous step while this one runs
+                    training.check_finite(*pending)
+                pending = (metrics, k)
+                logger.add(metrics)
+                if k == start + 1:  # steps/s without the compilation of the first step
+                    jax.block_until_ready(metrics["loss"])
+                    logger.step0, logger.t0 = k, time.perf_counter()
+                bar.update(1)
+                if k % config.log_every == 0 or k == config.steps:
+                    training.check_finite(metrics, k)
+                    history.append(logger.flush(k, metrics))
+                    bar.set_postfix(
+                        loss=f"{history[-1]['loss']:.4f}",
+                        steps_s=f"{history[-1]['steps_per_sec']:.1f}",
+                    )
+                stop = signals.stop_requested(k, config.log_every)
+                if ckpt.should_save(k) or snaps.should_save(k) or k == config.steps or stop:
+                    training.check_finite(metrics, k)
+                    if ckpt.should_save(k) or k == config.steps or stop:
+                        ckpt.save(k, state, it, metrics=metrics, force=True)
+                    snaps.save(k, state, force=k == config.steps)
+                if stop:
+                    raise Preempted(signals.received, k, workdir)
+                if k % config.sample_every == 0 or k == config.steps:
+                    _sample_png(workdir, run._replace(state=state), k)
+            if pending is not None:
                 training.check_finite(*pending)
-            pending = (metrics, k)
-            logger.add(metrics)
-            if k == start + 1:  # steps/s without the compilation of the first step
-                jax.block_until_ready(metrics["loss"])
-                logger.step0, logger.t0 = k, time.perf_counter()
-            bar.update(1)
-            if k % config.log_every == 0 or k == config.steps:
-                training.check_finite(metrics, k)
-                history.append(logger.flush(k, metrics))
-                bar.set_postfix(
-                    loss=f"{history[-1]['loss']:.4f}", steps_s=f"{history[-1]['steps_per_sec']:.1f}"
-                )
-            if ckpt.should_save(k) or k == config.steps:
-                training.check_finite(metrics, k)
-                ckpt.save(k, state, it, metrics=metrics, force=True)
-            if k % config.sample_every == 0 or k == config.steps:
-                _sample_png(workdir, run._replace(state=state), k)
-        if pending is not None:
-            training.check_finite(*pending)
     finally:
         bar.close()
         ckpt.close()
+        snaps.close()
     return run._replace(state=state), history
 
 
@@ -225,18 +323,26 @@ def parse_args(argv=None) -> configs.Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="toy2d", choices=sorted(configs.PRESETS))
     known, rest = pre.parse_known_args(argv)
-    config = tyro.cli(configs.Config, default=configs.get_preset(known.preset), args=rest)
+    config = tyro.cli(
+        configs.Config, default=configs.get_preset(known.preset), args=rest, description=__doc__
+    )
     return dataclasses.replace(config, preset=known.preset)
 
 
 def main(argv=None):
     """The command line; returns ``(run, history)`` of :func:`train`."""
     training.initialize_distributed()
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_args(argv)
     try:
         run, history = train(config)
     except (FileNotFoundError, _RunMismatchError) as e:  # missing data files, wrong run folder
         raise SystemExit(f"experiments.train: {e}") from None
+    except Preempted as e:
+        if jax.process_index() == 0:
+            command = shlex.join(["python", "-m", "experiments.train", *argv])
+            print(f"experiments.train: {e}:\n  {command}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     if jax.process_index() == 0:
         workdir = Path(configs.workdir_of(config))
         print(
