@@ -30,13 +30,16 @@
 # autoencoders*).
 
 # %% Colab: install the package (skipped outside Colab)
+# Where pip gets jaxdiff: the package name, your fork ("git+https://github.com/<you>/jaxdiff") or a
+# wheel uploaded to the runtime ("/content/jaxdiff-0.1.0-py3-none-any.whl"); see the README.
+JAXDIFF_SOURCE = "jaxdiff"
+
 import importlib.util
+import shlex
 import sys
 
 if "google.colab" in sys.modules and importlib.util.find_spec("jaxdiff") is None:
-    get_ipython().run_line_magic(  # noqa: F821
-        "pip", "install -q 'jaxdiff @ git+https://github.com/OWNER/jaxdiff'"
-    )
+    get_ipython().run_line_magic("pip", f"install -q {shlex.quote(JAXDIFF_SOURCE)}")  # noqa: F821
     print("Installed jaxdiff and a new jax: restart the runtime (Runtime > Restart) and run again.")
 
 # %%

@@ -29,13 +29,16 @@
 # class-conditional denoiser. Then we train a small class-conditional network and guide it.
 
 # %% Colab: install the package (skipped outside Colab)
+# Where pip gets jaxdiff: the package name, your fork ("git+https://github.com/<you>/jaxdiff") or a
+# wheel uploaded to the runtime ("/content/jaxdiff-0.1.0-py3-none-any.whl"); see the README.
+JAXDIFF_SOURCE = "jaxdiff"
+
 import importlib.util
+import shlex
 import sys
 
-# Edit to where your copy of this repository lives (a git URL or a path), then run this cell.
-JAXDIFF_SOURCE = "git+https://github.com/<you>/jaxdiff"
 if "google.colab" in sys.modules and importlib.util.find_spec("jaxdiff") is None:
-    get_ipython().run_line_magic("pip", f"install -q '{JAXDIFF_SOURCE}'")  # noqa: F821
+    get_ipython().run_line_magic("pip", f"install -q {shlex.quote(JAXDIFF_SOURCE)}")  # noqa: F821
     print("Installed jaxdiff and a new jax: restart the runtime (Runtime > Restart) and run again.")
 
 # %%

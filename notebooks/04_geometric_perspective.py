@@ -32,13 +32,16 @@
 # exact target.
 
 # %% Colab: install the package (skipped outside Colab)
+# Where pip gets jaxdiff: the package name, your fork ("git+https://github.com/<you>/jaxdiff") or a
+# wheel uploaded to the runtime ("/content/jaxdiff-0.1.0-py3-none-any.whl"); see the README.
+JAXDIFF_SOURCE = "jaxdiff"
+
 import importlib.util
+import shlex
 import sys
 
-# Edit to where your copy of this repository lives (a git URL or a path), then run this cell.
-JAXDIFF_SOURCE = "git+https://github.com/<you>/jaxdiff"
 if "google.colab" in sys.modules and importlib.util.find_spec("jaxdiff") is None:
-    get_ipython().run_line_magic("pip", f"install -q '{JAXDIFF_SOURCE}'")  # noqa: F821
+    get_ipython().run_line_magic("pip", f"install -q {shlex.quote(JAXDIFF_SOURCE)}")  # noqa: F821
     print("Installed jaxdiff and a new jax: restart the runtime (Runtime > Restart) and run again.")
 
 # %%
@@ -50,7 +53,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jaxdiff
-from jaxdiff import analytic, geometry, samplers, schedules
+from jaxdiff import analytic, fitted_grids, geometry, samplers, schedules
 
 jax.config.update("jax_enable_x64", True)
 FAST = os.environ.get("JAXDIFF_FAST", "0") == "1"
@@ -133,10 +136,11 @@ print("distance of each sample to its nearest training point (max):", float(near
 # samples.
 #
 # By default each local error is weighted by how much of it the flow carries to the final sample,
-# $w = s/\sqrt{s^2 + \tilde\sigma^2}$ (exact for Gaussian data of standard deviation $s$). The
-# paper's unweighted cost (`error="local"`) picks nearly the same grids for an accurate denoiser,
-# but for an eps-prediction network on VP, whose denoiser error grows like $\tilde\sigma$, it
-# spends its steps at the highest noise levels and can lose to a hand-made grid.
+# $w = s/\sqrt{s^2 + \tilde\sigma^2}$ (exact for Gaussian data of standard deviation $s$,
+# `fitted_grids.propagated_error`). The paper's unweighted cost (`error=fitted_grids.local_error`)
+# picks nearly the same grids for an accurate denoiser, but for an eps-prediction network on VP,
+# whose denoiser error grows like $\tilde\sigma$, it spends its steps at the highest noise levels
+# and can lose to a hand-made grid.
 
 # %%
 warm = edm.prior_sample((16 if FAST else 64, dim), key=jax.random.key(4), dtype=jnp.float64)
@@ -145,13 +149,13 @@ teacher = jaxdiff.sample(samplers.heun(edm), denoise, test, schedules.karras(edm
 ddim = samplers.ddim(edm)
 nfes = (5, 6) if FAST else (5, 6, 8, 10)
 # one teacher solve and cost matrix serve every step count
-gits_grids = schedules.gits(edm, denoise, warm, nfes, fine_steps=60 if FAST else 120)
-for n, gits_grid in zip(nfes, gits_grids, strict=True):
+costs = fitted_grids.step_costs(edm, denoise, warm, fine_steps=60 if FAST else 120)
+for n in nfes:
     grids = {
         "uniform": schedules.uniform(edm, n),
         "log-SNR": schedules.log_snr_uniform(edm, n),
         "Karras": schedules.karras(edm, n),
-        "GITS": gits_grid,
+        "GITS": costs.grid(n),
     }
     errs = {k: float(jnp.mean(jnp.linalg.norm(jaxdiff.sample(ddim, denoise, test, g).x - teacher, axis=-1)))
             for k, g in grids.items()}  # fmt: skip
