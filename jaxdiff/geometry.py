@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jaxdiff._utils import as_time, bcast
 from jaxdiff.analytic import Empirical, mean_shift
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import SampleResult
+from jaxdiff.samplers import SampleResult
 
 __all__ = [
     "ChordDeviation",
@@ -388,11 +388,10 @@ def score_deviation(process: Process, denoise: Callable, reference, xs, ts) -> S
         return denoise(x, t), ref(x, t)
 
     d_model, d_ref = jax.lax.map(one, (xs, ts))
-    a, s2 = process.alpha(ts)[:, None], process.sigma(ts)[:, None] ** 2  # (steps, 1)
-    dd = _norm(_flat(d_model - d_ref))
-    score = a * dd / s2
-    score_ref = _norm(bcast(a, _flat(xs)) * _flat(d_ref) - _flat(xs)) / s2
-    return ScoreDeviation(dd, score, _safe_div(score, score_ref))
+    tweedie = jax.vmap(process.score_from_x0)  # one time per step
+    s_model, s_ref = tweedie(xs, d_model, ts), tweedie(xs, d_ref, ts)
+    score, score_ref = _norm(_flat(s_model - s_ref)), _norm(_flat(s_ref))
+    return ScoreDeviation(_norm(_flat(d_model - d_ref)), score, _safe_div(score, score_ref))
 
 
 def _ends_at_zero(ts):
@@ -404,10 +403,9 @@ def _ends_at_zero(ts):
 
 # --- second-order samplers as finite differences of the denoising trajectory --------------------
 def _edm(process, t, x):
-    """:math:`\\alpha_t` and :math:`\\tilde\\sigma_t = \\sigma_t/\\alpha_t`, broadcast against x."""
+    """:math:`\\alpha_t` and the noise level :math:`\\tilde\\sigma_t`, broadcast against x."""
     t = as_time(t, x)
-    a = process.alpha(t)
-    return bcast(a, x), bcast(process.sigma(t) / a, x)
+    return bcast(process.alpha(t), x), bcast(process.noise_level(t), x)
 
 
 def euler_from_denoised(process: Process, x, x0_hat, t, s):

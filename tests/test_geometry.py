@@ -8,6 +8,7 @@ quoted below is from float64 runs of this file.
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,7 +225,9 @@ def test_score_deviation_of_exact_and_perturbed_denoiser():
 
 
 # --- second-order samplers as finite differences -------------------------------------------------
-@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize(
+    "process", PROCESSES + [jaxdiff.DiscreteVP.linear()], ids=lambda p: type(p).__name__
+)
 def test_finite_difference_forms_equal_second_order_samplers(process):
     # Chen et al. 2023, Sec. 3.3: Heun / DPM-Solver-2 / DPM-Solver++(2M) are Euler steps with D
     # replaced by a finite difference of the denoising trajectory; equal to round-off in float64.
@@ -436,7 +439,7 @@ def test_optimize_never_worse_than_its_start_and_checks_input(mixture):
     with pytest.raises(ValueError, match="n \\+ 1"):
         schedules.optimize(sampler, DEN, warm, 4, teacher=warm_ref, init=start)
     with pytest.raises(ValueError, match="no process"):
-        schedules.optimize(sampler._replace(process=None), DEN, warm, 4)
+        schedules.optimize(eqx.tree_at(lambda s: s.process, sampler, None), DEN, warm, 4)
 
 
 # --- bad input -----------------------------------------------------------------------------------
