@@ -91,6 +91,15 @@ def _trajectory(xs, name="xs"):
     return xs
 
 
+def _trajectory_and_times(xs, ts):
+    """A checked trajectory and its grid, one time per point."""
+    xs = _trajectory(xs)
+    ts = as_time(ts, xs)
+    if ts.shape != xs.shape[:1]:
+        raise ValueError(f"ts must have one time per point, shape {xs.shape[:1]}; got {ts.shape}.")
+    return xs, ts
+
+
 def _flat(traj):
     """``(steps, batch, *example) -> (steps, batch, d)``."""
     return traj.reshape(traj.shape[0], traj.shape[1], -1)
@@ -114,10 +123,7 @@ def edm_trajectory(process: Process, xs, ts):
     quasi-linearity holds for every process. ``ts`` has one time per point (``len(ts) ==
     xs.shape[0]``; :math:`\alpha_0 = 1` for a final 0).
     """
-    xs = _trajectory(xs)
-    ts = as_time(ts, xs)
-    if ts.shape != xs.shape[:1]:
-        raise ValueError(f"ts must have one time per point, shape {xs.shape[:1]}; got {ts.shape}.")
+    xs, ts = _trajectory_and_times(xs, ts)
     return xs / bcast(process.alpha(ts), xs)
 
 
@@ -375,10 +381,7 @@ def score_deviation(process: Process, denoise: Callable, reference, xs, ts) -> S
         xs: a ``SampleResult`` with trajectory or an array ``(len(ts), batch, *example)``.
         ts: the grid the trajectory was sampled on; points at ``t = 0`` are skipped.
     """
-    xs = _trajectory(xs)
-    ts = as_time(ts, xs)
-    if ts.shape != xs.shape[:1]:
-        raise ValueError(f"ts must have one time per point, shape {xs.shape[:1]}; got {ts.shape}.")
+    xs, ts = _trajectory_and_times(xs, ts)
     ref = reference if callable(reference) else optimal_denoiser(reference, process)
     keep = ts.shape[0] - 1 if (ts.shape[0] > 1 and _ends_at_zero(ts)) else ts.shape[0]
     xs, ts = xs[:keep], ts[:keep]

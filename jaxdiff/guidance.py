@@ -44,7 +44,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -332,12 +331,24 @@ def _flat_abs(x):
     return jnp.abs(x).reshape(x.shape[0], -1)
 
 
+def _as_percentile(value):
+    if is_concrete(value) and not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"percentile must lie in (0, 1] (a quantile, 0.995); got {value}.")
+    return _as_array(value, "percentile")
+
+
+def _as_max_value(value):
+    if is_concrete(value) and not float(value) > 0:
+        raise ValueError(f"max_value must be positive (the data range bound); got {value}.")
+    return _as_array(value, "max_value")
+
+
 class DynamicThreshold(_Transform):
     r"""Dynamic thresholding of :math:`\hat x_0` (Imagen); built by :func:`dynamic_threshold`."""
 
     denoise: Callable
-    percentile: jax.Array = eqx.field(converter=functools.partial(_as_array, name="percentile"))
-    max_value: jax.Array = eqx.field(converter=functools.partial(_as_array, name="max_value"))
+    percentile: jax.Array = eqx.field(converter=_as_percentile)
+    max_value: jax.Array = eqx.field(converter=_as_max_value)
 
     def __call__(self, x, t):
         x0 = self.denoise(x, t)
@@ -358,10 +369,6 @@ def dynamic_threshold(denoise: Callable, percentile=0.995, max_value=1.0) -> Dyn
     denoiser: ``dynamic_threshold(classifier_free(cond, uncond, 7.0))``.
     """
     _check_callable(denoise, "denoise")
-    if is_concrete(percentile) and not 0.0 < float(percentile) <= 1.0:
-        raise ValueError(f"percentile must lie in (0, 1] (a quantile, 0.995); got {percentile}.")
-    if is_concrete(max_value) and not float(max_value) > 0:
-        raise ValueError(f"max_value must be positive (the data range bound); got {max_value}.")
     return DynamicThreshold(denoise, percentile, max_value)
 
 
@@ -369,7 +376,7 @@ class StaticThreshold(_Transform):
     r"""Static thresholding :math:`\mathrm{clip}(\hat x_0, -m, m)`; built by :func:`static_threshold`."""
 
     denoise: Callable
-    max_value: jax.Array = eqx.field(converter=functools.partial(_as_array, name="max_value"))
+    max_value: jax.Array = eqx.field(converter=_as_max_value)
 
     def __call__(self, x, t):
         x0 = self.denoise(x, t)
@@ -381,6 +388,4 @@ def static_threshold(denoise: Callable, max_value=1.0) -> StaticThreshold:
     r"""Static thresholding (Ho et al. 2020; Saharia et al. 2022): clip :math:`\hat x_0` to
     :math:`[-m, m]`, ``m = max_value``."""
     _check_callable(denoise, "denoise")
-    if is_concrete(max_value) and not float(max_value) > 0:
-        raise ValueError(f"max_value must be positive (the data range bound); got {max_value}.")
     return StaticThreshold(denoise, max_value)
