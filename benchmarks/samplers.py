@@ -16,21 +16,28 @@ least disturbed by other jobs on a shared CPU, is used for the ratios):
   denoiser calls, which leaves out the dispatch cost included in a single call;
 - ``compile``: tracing + compilation of the sampling program (should not grow with NFE: the
   steps are one ``lax.scan``);
+- *sampler rebuilt each call*: a new sampler object every call, as a script or the README's tour
+  writes it, passed to one ``jax.jit``-ed function (time against a bare scan of the same NFE,
+  target <= 1.1) and to ``jaxdiff.sample`` itself (its eager dispatch included). Samplers are
+  hashable pytrees, so after the first call nothing compiles (counted with ``jax.monitoring``);
 - ``error``: root-mean-square error per coordinate against the probability-flow ODE solved by
   diffrax (Dopri8, rtol = atol = 1e-10, float64) from t_max to t_min followed by the denoiser at
   t_min, which is what every grid ending with (t_min, 0) approximates. Stochastic samplers have
   no pathwise reference (blank).
 
-Run ``python benchmarks/samplers.py [--quick]``; writes the "samplers" section of
+Run ``python benchmarks/samplers.py [--quick]``; NFE per step and steps per NFE target are read
+off each sampler (``nfe_per_step``, ``steps_for_nfe``). Writes the "samplers" section of
 ``benchmarks/RESULTS.md`` (other sections are kept) and ``benchmarks/samplers_error.png``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import functools
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -41,6 +48,7 @@ import diffrax as dfx  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import tyro  # noqa: E402
 
 import jaxdiff  # noqa: E402
 
@@ -55,26 +63,24 @@ HERE = Path(__file__).resolve().parent
 DIM, COMPONENTS, BATCH = 16, 8, 256
 PROCESS = jaxdiff.EDM()
 
-# name: (factory, NFE as a function of the number of grid steps n, stochastic)
+# name: factory(process); NFE per step, steps per target NFE and stochasticity come from the sampler
 SAMPLERS = {
-    "ddim": (lambda p: S.ddim(p), lambda n: n, False),
-    "euler": (lambda p: S.euler(p), lambda n: n, False),
-    "heun": (lambda p: S.heun(p), lambda n: 2 * n - 1, False),
-    "dpm_solver_2": (lambda p: S.dpm_solver(p, order=2), lambda n: 2 * (n - 1) + 1, False),
-    "dpm_solver_3": (lambda p: S.dpm_solver(p, order=3), lambda n: 3 * (n - 1) + 1, False),
-    "dpm_solver_pp_2m": (lambda p: S.dpm_solver_pp(p, order=2), lambda n: n, False),
-    "dpm_solver_pp_3m": (lambda p: S.dpm_solver_pp(p, order=3), lambda n: n, False),
-    "ipndm": (lambda p: S.ipndm(p), lambda n: n, False),
-    "unipc_2": (lambda p: S.unipc(p, order=2), lambda n: n, False),
-    "ddpm": (lambda p: S.ddpm(p), lambda n: n, True),
-    "euler_maruyama": (lambda p: S.euler_maruyama(p), lambda n: n, True),
-    "dpm_solver_pp_sde": (lambda p: S.dpm_solver_pp_sde(p), lambda n: n, True),
-    "predictor_corrector": (
-        lambda p: S.predictor_corrector(p, S.euler_maruyama(p)),
-        lambda n: 2 * n - 1,
-        True,
-    ),
+    "ddim": S.ddim,
+    "euler": S.euler,
+    "heun": S.heun,
+    "dpm_solver_2": functools.partial(S.dpm_solver, order=2),
+    "dpm_solver_3": functools.partial(S.dpm_solver, order=3),
+    "dpm_solver_pp_2m": functools.partial(S.dpm_solver_pp, order=2),
+    "dpm_solver_pp_3m": functools.partial(S.dpm_solver_pp, order=3),
+    "ipndm": S.ipndm,
+    "unipc_2": functools.partial(S.unipc, order=2),
+    "ddpm": S.ddpm,
+    "euler_maruyama": S.euler_maruyama,
+    "dpm_solver_pp_sde": S.dpm_solver_pp_sde,
+    "predictor_corrector": lambda p: S.predictor_corrector(p, S.euler_maruyama(p)),
 }
+REBUILT = ("ddim", "heun", "dpm_solver_pp_2m")  # the "sampler rebuilt each call" rows
+REBUILT_NFE = 50
 
 
 # --- denoisers ---------------------------------------------------------------------------------
@@ -158,9 +164,20 @@ def timings(fn, repeats):
     return statistics.median(times), min(times)
 
 
-def steps_for(nfe_of, target):
-    """Number of grid steps whose NFE is closest to ``target`` (ties: the smaller NFE)."""
-    return min(range(2, 4 * target), key=lambda n: (abs(nfe_of(n) - target), nfe_of(n)))
+@contextlib.contextmanager
+def compilations():
+    """Count the XLA compilations made inside the block (``jax.monitoring`` events)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def denoiser_time(denoise, x, repeats):
@@ -221,7 +238,29 @@ def heun_against_hand_written(denoise, x, repeats, n=25):
     return interleaved_min([lambda f=f: f(x).block_until_ready() for f in fns], repeats)
 
 
-def bench_one(sampler, denoise, x_T, n, nfe_of, stochastic, repeats, key):
+def rebuilt_each_call(factory, denoise, x_T, repeats):
+    """A sampler built anew for every call, at NFE ~ ``REBUILT_NFE``, run through
+    ``jaxdiff.sample`` itself and as the argument of one ``jax.jit``-ed function: ``(nfe,
+    compilations after the first calls, min time of each, min time of the bare loop)``."""
+    n = factory(PROCESS).steps_for_nfe(REBUILT_NFE)
+    nfe = factory(PROCESS).nfe(n)
+    ts = schedules.karras(PROCESS, n, dtype=x_T.dtype)
+    key = jax.random.key(0)  # a traced hyperparameter (DDIM's eta) is not known to be 0
+    program = jax.jit(lambda sampler, x: jaxdiff.sample(sampler, denoise, x, ts, key=key).x)
+    loop = baseline_loop(denoise, x_T, nfe, False, None)
+    fns = [
+        lambda: jaxdiff.sample(factory(PROCESS), denoise, x_T, ts).x.block_until_ready(),
+        lambda: program(factory(PROCESS), x_T).block_until_ready(),
+        lambda: loop(x_T).block_until_ready(),
+    ]
+    for fn in fns:
+        fn()  # the first calls compile
+    with compilations() as compiled:
+        api_s, jit_s, loop_s = interleaved_min(fns, repeats)
+    return nfe, len(compiled), api_s, jit_s, loop_s
+
+
+def bench_one(sampler, denoise, x_T, n, repeats, key):
     """Compile time, run times (median, min), the baseline loop's min, API time, result."""
     ts = schedules.karras(PROCESS, n, dtype=x_T.dtype)
     program = jax.jit(lambda x: jaxdiff.sample(sampler, denoise, x, ts, key=key).x)
@@ -230,7 +269,7 @@ def bench_one(sampler, denoise, x_T, n, nfe_of, stochastic, repeats, key):
     compile_s = time.perf_counter() - start
     run = lambda: compiled(x_T).block_until_ready()
     run_med, _ = timings(run, repeats)
-    loop = baseline_loop(denoise, x_T, nfe_of(n), stochastic, key)
+    loop = baseline_loop(denoise, x_T, sampler.nfe(n), sampler.stochastic, key)
     run_min, loop_min = interleaved_min([run, lambda: loop(x_T).block_until_ready()], repeats)
     api = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key).x.block_until_ready()
     api_s = timings(api, repeats)[0]
@@ -244,7 +283,7 @@ def run(quick: bool):
     x_T64 = PROCESS.prior_sample((BATCH, DIM), key=jax.random.key(2), dtype=jnp.float64)
     x_T = x_T64.astype(jnp.float32)
     key = jax.random.key(3)
-    rows = []
+    rows, rebuilt = [], []
     for den_name, make in DENOISERS.items():
         denoise = make(jnp.float32)
         ref = np.asarray(reference(make(jnp.float64), x_T64))
@@ -252,17 +291,31 @@ def run(quick: bool):
         print(f"[{den_name}] one denoiser call: {t_den * 1e6:.0f} us (min)", flush=True)
         heun_ms = [1e3 * v for v in heun_against_hand_written(denoise, x_T, 3 * repeats)]
         print(f"  heun / hand-written / loop at NFE 49: {heun_ms} ms", flush=True)
-        for name, (factory, nfe_of, stochastic) in SAMPLERS.items():
+        for name in REBUILT:
+            nfe, compiled, api_s, jit_s, loop_s = rebuilt_each_call(
+                SAMPLERS[name], denoise, x_T, 3 * repeats
+            )
+            rebuilt.append(
+                dict(denoiser=den_name, sampler=name, nfe=nfe, compiles=compiled,
+                     calls=2 * (3 * repeats + 1), api_ms=api_s * 1e3, jit_ms=jit_s * 1e3,
+                     loop_ms=loop_s * 1e3, vs_loop=jit_s / loop_s)
+            )  # fmt: skip
+            print(
+                f"  rebuilt each call: {name:18s} NFE {nfe:3d}  jit {jit_s * 1e3:8.2f} ms (vs loop "
+                f"{jit_s / loop_s:.2f}), api {api_s * 1e3:.2f} ms, compilations {compiled}",
+                flush=True,
+            )
+        for name, factory in SAMPLERS.items():
             sampler = factory(PROCESS)
             for target in targets:
-                n = steps_for(nfe_of, target)
+                n = sampler.steps_for_nfe(target)
                 compile_s, run_med, run_s, loop_s, api_s, res = bench_one(
-                    sampler, denoise, x_T, n, nfe_of, stochastic, repeats, key
+                    sampler, denoise, x_T, n, repeats, key
                 )
                 nfe = int(res.nfe)
-                assert nfe == nfe_of(n), (name, nfe, nfe_of(n))
+                assert nfe == sampler.nfe(n), (name, nfe, sampler.nfe(n))
                 err = None
-                if not stochastic:
+                if not sampler.stochastic:
                     err = float(np.sqrt(np.mean((np.asarray(res.x, np.float64) - ref) ** 2)))
                 rows.append(
                     dict(
@@ -291,7 +344,7 @@ def run(quick: bool):
                     f"{'-' if err is None else f'{err:.2e}'}",
                     flush=True,
                 )
-    return rows
+    return rows, rebuilt
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -307,6 +360,21 @@ def table(rows, den_name):
             f"| {r['sampler']} | {r['target']} | {r['steps']} | {r['nfe']} | {r['time_ms']:.2f} "
             f"| {r['min_ms']:.2f} | {r['api_ms']:.2f} | {r['overhead']:.2f} | {r['vs_loop']:.2f} "
             f"| {r['compile_s']:.2f} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+def rebuilt_table(rebuilt, den_name):
+    """The "sampler rebuilt each call" rows: compilations after the first calls, times vs loop."""
+    lines = [
+        "| sampler rebuilt each call | NFE | compilations | jit (ms) | bare scan (ms) | vs loop "
+        "| `jaxdiff.sample` (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in (r for r in rebuilt if r["denoiser"] == den_name):
+        lines.append(
+            f"| {r['sampler']} | {r['nfe']} | {r['compiles']} in {r['calls']} calls | "
+            f"{r['jit_ms']:.2f} | {r['loop_ms']:.2f} | {r['vs_loop']:.2f} | {r['api_ms']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -334,11 +402,11 @@ def plot(rows, path):
 
     fig, axes = plt.subplots(1, len(DENOISERS), figsize=(6 * len(DENOISERS), 4.5), squeeze=False)
     for ax, den_name in zip(axes[0], DENOISERS, strict=True):
-        for name, (_, _, stochastic) in SAMPLERS.items():
+        for name in SAMPLERS:
             pts = [
                 (r["nfe"], r["error"])
                 for r in rows
-                if r["denoiser"] == den_name and r["sampler"] == name and not stochastic
+                if r["denoiser"] == den_name and r["sampler"] == name and r["error"] is not None
             ]
             if pts:
                 ax.loglog(*zip(*pts, strict=True), marker="o", label=name)
@@ -362,7 +430,7 @@ def heun_note(rows, den_name):
     )
 
 
-def section(rows, quick, elapsed):
+def section(rows, rebuilt, quick, elapsed):
     targets = sorted({r["target"] for r in rows})
     den_us = {
         d: next((r["denoiser_us"], r["denoiser_med_us"]) for r in rows if r["denoiser"] == d)
@@ -418,6 +486,12 @@ def section(rows, quick, elapsed):
             "",
             table(rows, d),
             "",
+            "A sampler built anew for every call of `jaxdiff.sample` (calls timed in turn with a "
+            "bare scan of the same NFE, after one first call): no compilation, and the eager "
+            "dispatch of `jaxdiff.sample` included:",
+            "",
+            rebuilt_table(rebuilt, d),
+            "",
             "Compile time against NFE:",
             "",
             compile_summary(rows, d, targets),
@@ -427,17 +501,24 @@ def section(rows, quick, elapsed):
     return "\n".join(parts)
 
 
+@dataclass(frozen=True)
+class Args:
+    """Sampler benchmark."""
+
+    quick: bool = False
+    """NFE 10 and 20, 5 repeats."""
+    out: str = str(HERE)
+    """Folder for RESULTS.md and the plot."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="NFE 10 and 20, 3 repeats")
-    parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md and the plot")
-    args = parser.parse_args(argv)
+    args = tyro.cli(Args, args=argv, description=__doc__.splitlines()[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = run(args.quick)
+    rows, rebuilt = run(args.quick)
     plot(rows, out / "samplers_error.png")
-    md = section(rows, args.quick, time.perf_counter() - start)
+    md = section(rows, rebuilt, args.quick, time.perf_counter() - start)
     print(md)
     results = write_section("samplers", md, out / "RESULTS.md")
     print(f"wrote {results} and {out / 'samplers_error.png'}")
