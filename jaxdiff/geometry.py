@@ -154,7 +154,7 @@ def chord_deviation(xs) -> ChordDeviation:
 
     Example:
         >>> dev = chord_deviation(result)           # doctest: +SKIP
-        >>> dev.relative.max(axis=0)                # worst point of each trajectory
+        >>> dev.relative.max(axis=0)  # worst point of each trajectory  # doctest: +SKIP
     """
     v = _flat(_trajectory(xs))
     chord = v[-1] - v[0]
