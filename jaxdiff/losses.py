@@ -245,7 +245,7 @@ class LogNormalTime(TimeSampler):
     r"""EDM's noise distribution: :math:`\log(\sigma_t/\alpha_t) \sim \mathcal N(P_{mean}, P_{std}^2)`.
 
     The noise level :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-\lambda/2}` is mapped to time
-    through ``process.t_from_log_snr(-2 log sigma)`` and clipped to ``[t_min, t_max]``
+    through ``process.t_from_noise_level`` and clipped to ``[t_min, t_max]``
     (Karras et al. 2022, Sec. 5).
     """
 
@@ -254,7 +254,7 @@ class LogNormalTime(TimeSampler):
 
     def __call__(self, key, shape, dtype=jnp.float32):
         log_sigma = self.p_mean + self.p_std * jax.random.normal(key, shape, dtype)
-        return self._clip(self.process.t_from_log_snr(-2.0 * log_sigma), dtype)
+        return self._clip(self.process.t_from_noise_level(jnp.exp(log_sigma)), dtype)
 
 
 class ImportanceTime(TimeSampler):
