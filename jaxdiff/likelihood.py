@@ -247,7 +247,9 @@ def log_likelihood(
         if key is None:
             raise ValueError("Hutchinson's estimator needs key=jax.random.key(seed).")
         probes = sample_probes(key, x0, n_probes, _probe_distribution(probe))
-    rtol, atol = _array(rtol, x0), _array(atol, x0)
+    # Tolerances as arrays in the state's dtype: new values do not recompile the solve, and
+    # float32 data keeps a float32 controller state under jax_enable_x64.
+    rtol, atol = jnp.asarray(rtol, x0.dtype), jnp.asarray(atol, x0.dtype)
     controller = default_stepsize_controller(solver, stepsize_controller, dt0, rtol, atol)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_AugmentedFlow(process, denoise, probes)),
@@ -264,12 +266,6 @@ def log_likelihood(
     ok = _check_solve(sol, max_steps)
     prior = process.prior_logp if prior_logp is None else prior_logp
     return guard.mask(jnp.where(ok, prior(x_T) + delta, jnp.nan))
-
-
-def _array(tol, x):
-    """Tolerances as arrays in the state's float dtype, so that new values do not recompile the
-    solve and float32 data keeps a float32 controller state under ``jax_enable_x64``."""
-    return jnp.asarray(tol, jnp.result_type(x.dtype, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------

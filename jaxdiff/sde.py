@@ -70,6 +70,7 @@ import numpy as np
 
 from jaxdiff._utils import as_time, bcast, is_concrete
 from jaxdiff.processes import Process
+from jaxdiff.samplers.base import check_sample_input, checked_denoiser, grid_dtype
 
 __all__ = [
     "probability_flow",
@@ -116,7 +117,7 @@ def _drift(process: Process, denoise: Callable, x, t, weight):
     r""":math:`f(t)x - w\,g(t)^2\nabla\log p_t(x)`: ``w = 1/2`` the probability flow, ``1`` the
     reverse SDE's drift (the score by Tweedie's formula from the denoiser)."""
     t = as_time(t, x)
-    score = process.score_from_x0(x, denoise(x, t), t)
+    score = process.score_from_x0(x, checked_denoiser(denoise)(x, t), t)
     return (process.drift(x, t) - weight * bcast(process.g2(t), x) * score).astype(x.dtype)
 
 
@@ -240,7 +241,8 @@ def _row_finite(x):
 def solver_input(x, name: str = "x_T") -> tuple[jax.Array, InputGuard]:
     r"""``x`` as the state of a diffrax solve, and the :class:`InputGuard` that restores outputs.
 
-    - An integer, boolean or complex ``x`` is a ``TypeError`` naming ``name`` and the dtype.
+    - An integer, boolean or complex ``x`` is a ``TypeError`` naming ``name`` and the dtype
+      (:func:`jaxdiff.samplers.base.check_sample_input`, as for the samplers).
     - The state is in at least float32: bfloat16 and float16 are promoted (an adaptive step-size
       control cannot work in their precision); ``guard.restore`` casts results back.
     - Non-finite rows (NaN or inf anywhere in an example): eagerly a ``ValueError`` naming them;
@@ -252,14 +254,9 @@ def solver_input(x, name: str = "x_T") -> tuple[jax.Array, InputGuard]:
         >>> x.dtype, guard.restore(x).dtype                                 # doctest: +SKIP
         (dtype('float32'), dtype(bfloat16))
     """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a real floating-point array (float32, float64, bfloat16 or float16); "
-            f"got {name}.dtype={x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."
-        )
+    x = check_sample_input(x, name)
     guard = InputGuard(None, x.dtype)
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(grid_dtype(x))
     finite = _row_finite(x)
     if is_concrete(finite):
         bad = np.flatnonzero(~np.asarray(finite))
@@ -426,7 +423,7 @@ def _max_steps(max_steps, controller, dt0, span, default=4096):
 def _denoise_final(process: Process, denoise: Callable, x, t1):
     r""":math:`\hat x_0 = D(x_{t_1}, t_1)` in ``x``'s dtype, ``t_1`` in at least float32."""
     t1 = process.t_min if t1 is None else t1
-    return denoise(x, as_time(t1, jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+    return denoise(x, as_time(t1, grid_dtype(x))).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------

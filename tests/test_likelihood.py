@@ -212,9 +212,9 @@ def test_bfloat16_data_is_integrated_in_float32():
 
 def test_integer_and_boolean_data_are_type_errors():
     den = GAUSS.denoiser(VP_)
-    with pytest.raises(TypeError, match=r"x0 must be a real floating-point.*int32"):
+    with pytest.raises(TypeError, match=r"x0 must be a floating-point.*int32"):
         log_likelihood(VP_, den, jnp.zeros((4, 2), jnp.int32))
-    with pytest.raises(TypeError, match=r"x must be a real floating-point.*bool"):
+    with pytest.raises(TypeError, match=r"x must be a floating-point.*bool"):
         bits_per_dim(VP_, den, jnp.zeros((4, 2), bool))
 
 
