@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import as_time, bcast, check_batch, check_like_x, in_dtype_of
+from jaxdiff._utils import as_time, bcast, check_batch, check_like_x, in_dtype_of, tree_hash
 from jaxdiff.processes import Process, time_derivative
 
 __all__ = [
@@ -164,13 +165,16 @@ class Denoiser(eqx.Module):
     itself, or EDM's ``c_noise`` when ``prediction="edm"`` (times and coefficients in at least
     float32), and an input in the dtype of ``x``; ``x0_hat`` comes back in the dtype of ``x``.
     A network output not shaped like ``x`` is a ``ValueError`` at trace time that names the
-    denoiser and both shapes (a ``(batch, 1)`` output never broadcasts silently).
+    denoiser and both shapes (a ``(batch, 1)`` output never broadcasts silently). ``sigma_data``
+    is an array leaf, so a new value does not recompile ``jaxdiff.sample``.
     """
 
     apply_fn: Callable
     process: Process
     prediction: str = eqx.field(static=True, default="eps")
-    sigma_data: float = 0.5
+    sigma_data: jax.Array = eqx.field(converter=jnp.asarray, default=0.5)
+
+    __hash__ = tree_hash  # equal settings hash equal (sigma_data is an array leaf: traced)
 
     def __call__(self, x, t):
         check_batch(x, t)

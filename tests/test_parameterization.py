@@ -4,6 +4,7 @@ preconditioning and the denoiser adapters, for every process."""
 import itertools
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +193,18 @@ def test_low_precision_x_keeps_its_dtype(dtype):
         )
         for target in P.PREDICTIONS:
             assert P.from_x0(VP(), target, x, 0.3, x).dtype == dtype, target
+
+
+def test_denoisers_compare_and_hash_equal_and_sigma_data_is_traced():
+    a, b = P.denoiser(linear_net, VP(), "edm"), P.denoiser(linear_net, VP(), "edm", sigma_data=0.5)
+    assert bool(a == b) and hash(a) == hash(b)
+    assert not bool(a == P.denoiser(linear_net, VP(), "edm", sigma_data=0.7))
+    traces = []
+
+    @eqx.filter_jit
+    def run(denoise, x):
+        traces.append(None)
+        return denoise(x, 0.5)
+
+    outs = [run(P.denoiser(linear_net, VP(), "edm", sigma_data=sd), X0) for sd in (0.5, 0.7)]
+    assert len(traces) == 1 and float(jnp.max(jnp.abs(outs[0] - outs[1]))) > 1e-3
