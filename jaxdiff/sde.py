@@ -549,7 +549,7 @@ class VirtualTree(BrownianFactory):
     tol: Any = None
 
     def __call__(self, t0, t1, shape, *, key, levy_area, step):
-        tol = step / 16 if self.tol is None else self.tol
+        tol = step / 16 if self.tol is None else jnp.asarray(self.tol)  # traced: no recompile
         return dfx.VirtualBrownianTree(t0, t1, tol=tol, shape=shape, key=key, levy_area=levy_area)
 
 
