@@ -394,6 +394,21 @@ def test_float32_sde_and_sde_sample():
 # --------------------------------------------------------------------------------------------
 
 
+def _compilations(fn) -> int:
+    """How many XLA compilations ``fn()`` makes (jax.monitoring)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        events.append(event == "/jax/core/compile/backend_compile_duration")
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return sum(events)
+
+
 class DyadicFactory(sde.BrownianFactory):
     """A user's own factory: the dyadic path of ``m`` steps over the solver's interval."""
 
@@ -419,6 +434,7 @@ def test_brownian_factories_are_equal_pytrees_and_strings_are_deprecated_aliases
     with pytest.warns(DeprecationWarning, match="brownian_tol is deprecated"):
         old = solve("virtual", brownian_tol=1e-3)
     np.testing.assert_array_equal(old, solve(sde.virtual_tree(tol=1e-3)))
+    assert _compilations(lambda: solve(sde.virtual_tree(tol=2e-3))) == 0  # tol is traced
     # The default is the unsafe path.
     default = sde.solve_sde(VP_, den, x_T, key=key, dt0=1 / 64).ys[-1]
     np.testing.assert_array_equal(default, solve(sde.unsafe_path()))
@@ -458,6 +474,8 @@ def test_bfloat16_is_solved_in_float32_and_returned_in_bfloat16():
     assert bool(jnp.all(jnp.isfinite(sol.ys)))
     f32 = sde.solve_ode(VP_, den, x_T.astype(jnp.float32))
     np.testing.assert_array_equal(sol.ys, f32.ys.astype(jnp.bfloat16))
+    x_new = jax.block_until_ready(-x_T)
+    assert _compilations(lambda: sde.solve_ode(VP_, den, x_new).ys) == 0  # new values
     exact = gaussian_flow(VP_, x_T.astype(jnp.float64), VP_.t_max, VP_.t_min)
     np.testing.assert_allclose(sol.ys[-1].astype(jnp.float64), exact, atol=0.05)
     assert sde.ode_sample(VP_, den, x_T).dtype == jnp.bfloat16
