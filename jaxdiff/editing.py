@@ -62,6 +62,7 @@ from jaxdiff.samplers.base import (
     check_sample_input,
     grid_dtype,
     lift,
+    normal_like,
     run,
     sample,
 )
@@ -414,7 +415,7 @@ class Inpaint(Sampler):
             k = jax.random.fold_in(key, j)
             k_step = jax.random.fold_in(k, 0)  # every try starts from the state before the step
             x_s, new_state, x0, _ = self.sampler.step(denoise, x_t, state, ts, i, k_step)
-            eps, noise = jax.random.normal(jax.random.fold_in(k, 1), (2, *x.shape), x.dtype)
+            eps, noise = normal_like(jax.random.fold_in(k, 1), jnp.stack([x, x]))
             x_s = jnp.where(self.mask, self.process.marginal(self.x_known, eps, s), x_s)
             x_s = x_s.astype(x.dtype)
             x_back = _renoise(self.process, x_s, s, t, noise).astype(x.dtype)

@@ -394,3 +394,165 @@ def test_float64_denoiser_does_not_widen_float32_samples():
     traced = jax.jit(lambda ts: jaxdiff.sample(VP_EULER, d, x_T, ts).x)(ts)
     assert traced.dtype == F32
     np.testing.assert_allclose(traced, res.x, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers as pytrees: equality, hashing, jit arguments, no recompilation (issue 12)
+# --------------------------------------------------------------------------------------------
+FACTORIES = {
+    "ddim": S.ddim,
+    "ddim_eta": lambda p: S.ddim(p, eta=0.5),
+    "ddpm": S.ddpm,
+    "euler": S.euler,
+    "heun": S.heun,
+    "heun_churn": lambda p: S.heun(p, churn=10.0, s_tmin=0.05, s_noise=1.003),
+    "dpm_solver_1": lambda p: S.dpm_solver(p, order=1),
+    "dpm_solver_2": lambda p: S.dpm_solver(p, order=2),
+    "dpm_solver_3": lambda p: S.dpm_solver(p, order=3),
+    "dpm_solver_pp_2": lambda p: S.dpm_solver_pp(p, order=2),
+    "dpm_solver_pp_3": lambda p: S.dpm_solver_pp(p, order=3),
+    "dpm_solver_pp_sde": S.dpm_solver_pp_sde,
+    "ipndm": S.ipndm,
+    "ipndm_variable": lambda p: S.ipndm(p, order=3, variable_step=True),
+    "unipc_2": S.unipc,
+    "unipc_3": lambda p: S.unipc(p, order=3),
+    "euler_maruyama": S.euler_maruyama,
+    "pc": lambda p: S.predictor_corrector(p, S.ddpm(p), snr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_equal_settings_give_equal_hashable_samplers(name):
+    a, b = FACTORIES[name](VP()), FACTORIES[name](VP())
+    assert a == b and hash(a) == hash(b) and a is not b
+    assert isinstance(a, S.Sampler)
+    assert a != FACTORIES[name](EDM())  # another process is another sampler
+    assert a.nfe(5) == 4 * a.nfe_per_step + 1
+    n = a.steps_for_nfe(10)
+    assert n >= 2 and all(abs(a.nfe(n) - 10) <= abs(a.nfe(m) - 10) for m in range(2, 12))
+
+
+def test_hyperparameters_are_leaves_and_orders_static():
+    assert jax.tree_util.tree_leaves(S.ddim(EDM_, eta=0.3)) == [0.002, 80.0, 0.3]
+    assert S.ddim(EDM_, eta=0.3) != S.ddim(EDM_, eta=0.4)
+    assert S.dpm_solver_pp(EDM_, 2) != S.dpm_solver_pp(EDM_, 3)
+    assert jax.tree_util.tree_structure(S.dpm_solver_pp(EDM_, 2)) != jax.tree_util.tree_structure(
+        S.dpm_solver_pp(EDM_, 3)
+    )
+    assert S.heun(EDM_, churn=0.0).nfe_per_step == 2 and S.dpm_solver(EDM_, 3).nfe_per_step == 3
+    assert S.predictor_corrector(EDM_, S.heun(EDM_), n_corrector=2).nfe_per_step == 4
+    assert S.dpm_solver(EDM_, order=3).steps_for_nfe(10) == 4
+    assert S.dpm_solver(EDM_, order=3).steps_for_nfe(5) == 2
+
+
+@pytest.fixture(scope="module")
+def f32_setup():
+    x_T = prior(EDM_, 3, seed=31, dtype=jnp.float32)
+    mix32 = GaussianMixture(MIX.means.astype(F32), SCALES.astype(np.float32), MIX.weights)
+    return x_T, mix32.denoiser(EDM_), schedules.karras(EDM_, 6, dtype=jnp.float32)
+
+
+def test_a_sampler_is_a_jit_argument(f32_setup):
+    x_T, denoise, ts = f32_setup
+    run = jax.jit(lambda s, x: jaxdiff.sample(s, denoise, x, ts, key=KEY).x)
+    for name in ("ddim", "heun_churn", "dpm_solver_pp_3", "pc"):
+        sampler = FACTORIES[name](EDM_)
+        eager = jaxdiff.sample(sampler, denoise, x_T, ts, key=KEY).x
+        np.testing.assert_allclose(run(sampler, x_T), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_rebuilding_a_sampler_or_changing_numbers_compiles_nothing(f32_setup):
+    x_T, denoise, ts = f32_setup
+
+    def go(sampler, ts=ts):
+        return jaxdiff.sample(sampler, denoise, x_T, ts, key=KEY).x
+
+    go(S.ddim(EDM_, eta=0.0))
+    go(S.heun(EDM_, churn=0.0))
+    other_values = schedules.log_snr_uniform(EDM_, 6, dtype=F32)
+    ends_at_t_min = ts.at[-2].set(0.01).at[-1].set(EDM_.t_min)
+    with backend_compilations() as compiled:
+        outs = [go(S.ddim(EDM_, eta=0.0)) for _ in range(3)]  # built anew each call
+        stochastic = go(S.ddim(EDM_, eta=1.0))  # eta 0 -> 1: traced, the same program
+        churned = go(S.heun(EDM_, churn=30.0, s_noise=1.01))
+        go(S.ddim(EDM_, eta=0.0), other_values)
+        t_min_end = go(S.ddim(EDM_, eta=0.0), ends_at_t_min)  # no final 0
+    assert compiled == [], compiled
+    assert all(bool(jnp.all(o == outs[0])) for o in outs)
+    assert float(jnp.max(jnp.abs(stochastic - outs[0]))) > 1e-3
+    assert float(jnp.max(jnp.abs(churned - go(S.heun(EDM_))))) > 1e-3
+    assert float(jnp.max(jnp.abs(t_min_end - outs[0]))) > 0  # an ordinary last step
+    # eta = 0 through the traced program is the deterministic DDIM step (= Euler, rounding aside).
+    np.testing.assert_allclose(outs[0], go(S.euler(EDM_)), rtol=0, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# dtype policy, shape checks and non-finite rows (issue 12)
+# --------------------------------------------------------------------------------------------
+LOW_SAMPLERS = {
+    "heun": S.heun,
+    "dpm_solver_pp_2": lambda p: S.dpm_solver_pp(p, 2),
+    "unipc": S.unipc,
+    "ddpm": S.ddpm,
+    "ipndm": S.ipndm,
+}
+UNIT = Gaussian(jnp.zeros(2, F32), jnp.eye(2, dtype=F32))
+
+
+@functools.cache
+def low_precision_runs(process_name):
+    """Every LOW_SAMPLERS sampler in float32, bfloat16 and float16, one program per process."""
+    process = PROCESSES[process_name]
+    x_T = process.prior_sample((64, 2), key=jax.random.key(5), dtype=F32)
+    ts = schedules.log_snr_uniform(process, 20, dtype=F32)
+    denoise = UNIT.denoiser(process)
+
+    def run(x):
+        return {
+            f"{name}/{jnp.dtype(dt).name}": jaxdiff.sample(
+                f(process), denoise, x.astype(dt), ts, key=KEY
+            ).x
+            for name, f in LOW_SAMPLERS.items()
+            for dt in (jnp.float32, jnp.bfloat16, jnp.float16)
+        }
+
+    return jax.jit(run)(x_T)
+
+
+@pytest.mark.parametrize("process_name", list(PROCESSES))
+def test_bf16_and_f16_keep_their_dtype_and_stay_close_to_float32(process_name):
+    runs = low_precision_runs(process_name)
+    for name in LOW_SAMPLERS:
+        ref = np.asarray(runs[f"{name}/float32"], np.float64)
+        for dt in (jnp.bfloat16, jnp.float16):
+            x = runs[f"{name}/{jnp.dtype(dt).name}"]
+            assert x.dtype == dt, (name, dt)
+            x = np.asarray(x.astype(F32), np.float64)
+            assert np.all(np.isfinite(x)), (name, dt)
+            assert np.max(np.abs(x - ref)) <= 0.1, (name, dt, np.max(np.abs(x - ref)))
+
+
+def test_integer_x_T_is_a_type_error():
+    with pytest.raises(TypeError, match=r"x_T must be a floating-point array.*int32"):
+        jaxdiff.sample(VP_EULER, MIX.denoiser(VP_), jnp.ones((2, 2), jnp.int32), NP_TS)
+    with pytest.raises(TypeError, match=r"x_T.*bool"):
+        jaxdiff.sample(VP_EULER, MIX.denoiser(VP_), jnp.ones((2, 2), bool), NP_TS)
+
+
+@pytest.mark.parametrize("out_shape", [(4, 1), (2,), (4,), (4, 3)], ids=["B1", "d", "B", "Bd+1"])
+def test_a_denoiser_of_the_wrong_shape_is_named(out_shape):
+    def bad(x, t):
+        return jnp.zeros(out_shape, x.dtype)
+
+    x_T = prior(VP_, 4)
+    msg = rf"denoiser .*returned shape {re.escape(str(out_shape))} for x of shape \(4, 2\)"
+    with pytest.raises(ValueError, match=msg):
+        jaxdiff.sample(VP_EULER, bad, x_T, NP_TS)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_one_nan_row_leaves_the_other_rows_finite(name):
+    x_T = prior(VP_, 5, seed=3).at[2].set(jnp.nan)
+    res = jaxdiff.sample(FACTORIES[name](VP_), MIX.denoiser(VP_), x_T, NP_TS, key=KEY)
+    finite = np.isfinite(np.asarray(res.x)).all(axis=1)
+    assert finite.tolist() == [True, True, False, True, True]

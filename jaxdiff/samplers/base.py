@@ -62,6 +62,7 @@ __all__ = [
     "grid_dtype",
     "lift",
     "run",
+    "normal_like",
     "step_noise",
 ]
 
@@ -218,15 +219,22 @@ def lift(tree):
     return jax.tree_util.tree_map(lambda v: jnp.asarray(v) if type(v) is float else v, tree)
 
 
+def normal_like(key, x):
+    """A standard normal draw shaped like ``x``, in at least float32.
+
+    Noise never depends on ``x``'s dtype: a bf16 run draws the same numbers as a float32 run
+    (then rounds the result), so the two stay close step by step.
+    """
+    return jax.random.normal(key, jnp.shape(x), grid_dtype(x))
+
+
 def step_noise(key, x, on):
     """A standard normal draw shaped like ``x``, or zeros when ``on`` is false (``lax.cond``).
 
     Lets a sampler whose noise scale is a traced hyperparameter (``eta``, ``churn``) keep one
     compiled program for every value while drawing no noise where the scale is 0.
     """
-    return jax.lax.cond(
-        on, lambda: jax.random.normal(key, x.shape, x.dtype), lambda: jnp.zeros_like(x)
-    )
+    return jax.lax.cond(on, lambda: normal_like(key, x), lambda: jnp.zeros(x.shape, grid_dtype(x)))
 
 
 def sample(

@@ -25,12 +25,11 @@ Example:
     ((4, 2), 20)
 """
 
-import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
 
 __all__ = ["DDPM", "ddpm", "ddpm_step"]
 
@@ -60,7 +59,7 @@ class DDPM(Sampler):
     def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
         x0_hat = denoise(x, t)
-        noise = jax.random.normal(key, x.shape, x.dtype)
+        noise = normal_like(key, x)
         return ddpm_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
 
     @property

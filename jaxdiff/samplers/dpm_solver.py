@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
 
 __all__ = [
     "DPMSolver",
@@ -420,7 +420,7 @@ class DPMSolverPPSDE(Sampler):
         t, s = ts[i], ts[i + 1]
         x0 = denoise(x, t)
         q = step_order(2, i, ts, self.lower_order_final)
-        noise = jax.random.normal(key, x.shape, x.dtype)
+        noise = normal_like(key, x)
         x_s = dpm_solver_pp_sde_step(
             self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise
         )

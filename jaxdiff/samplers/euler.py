@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, is_zero
+from jaxdiff.samplers.base import EmptyState, Sampler, is_zero, normal_like
 
 __all__ = ["Euler", "Heun", "euler", "heun", "euler_step", "heun_step", "churn_step", "noise_level"]
 
@@ -134,7 +134,7 @@ class Heun(Sampler):
         gamma = self.gamma(ts, t)
 
         def churned(x):
-            noise = self.s_noise * jax.random.normal(key, x.shape, x.dtype)
+            noise = self.s_noise * normal_like(key, x)
             x_hat, t_hat = churn_step(self.process, x, t, gamma, noise)
             return x_hat.astype(x.dtype), t_hat.astype(t.dtype)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete, sum_except_batch
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler
+from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
 
 __all__ = [
     "EulerMaruyama",
@@ -91,7 +91,7 @@ class EulerMaruyama(Sampler):
     def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
         x0_hat = denoise(x, t)
-        noise = jax.random.normal(key, x.shape, x.dtype)
+        noise = normal_like(key, x)
         return euler_maruyama_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
 
     @property
@@ -128,7 +128,7 @@ class PredictorCorrector(Sampler):
         scale = (self.process.alpha(t) / self.process.alpha(s)) ** 2  # 1 - beta_i of Alg. 5
 
         def correct(j, x):
-            noise = jax.random.normal(jax.random.fold_in(key_c, j), x.shape, x.dtype)
+            noise = normal_like(jax.random.fold_in(key_c, j), x)
             x_new = langevin_step(self.process, x, denoise(x, s), s, noise, self.snr, scale)
             return x_new.astype(x.dtype)
 
