@@ -8,6 +8,7 @@ an indivisible batch.
 
 import json
 import sys
+from pathlib import Path
 
 import jax
 
@@ -32,6 +33,15 @@ def main(out_path, setup):
     except ValueError as e:
         error = str(e)
     np.savez(out_path, *[np.asarray(a) for a in jax.tree.leaves(new.params)])
+    state, accum_fn, _ = setup(mesh, grad_accum=2)
+    accum, _ = accum_fn(state, global_batch)
+    accum_path = Path(out_path).with_name("accum.npz")
+    np.savez(accum_path, *[np.asarray(a) for a in jax.tree.leaves(accum.params)])
+    try:
+        setup(mesh, grad_accum=16)[1](state, global_batch)
+        accum_error = None
+    except ValueError as e:
+        accum_error = str(e)
     info = {
         "devices": jax.device_count(),
         "batch_spec": list(x.sharding.spec),
@@ -41,12 +51,13 @@ def main(out_path, setup):
         "params_devices": len(leaf.sharding.device_set),
         "loss": float(metrics["loss"]),
         "indivisible_error": error,
+        "accum_error": accum_error,
     }
     print(json.dumps(info))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent))
     from test_multidevice import setup
 
     main(sys.argv[1], setup)

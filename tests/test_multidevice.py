@@ -23,14 +23,15 @@ from jaxdiff.nets import MLP
 GLOBAL_BATCH = 64  # 8 examples per device
 
 
-def setup(mesh):
+def setup(mesh, grad_accum=1):
     """``(state, train_step, batch)`` on ``mesh``: an MLP, Adam with clipping, a moons batch."""
     model = MLP(2, hidden=32, depth=2, rngs=nnx.Rngs(0))
     opt = training.make_optimizer(1e-2, clip=1.0)
     state, graphdef, rest = training.init_train_state(model, opt, key=jax.random.key(7), mesh=mesh)
     step_fn = training.make_train_step(
-        graphdef, losses.eps_loss, jaxdiff.VP(), opt, rest=rest, mesh=mesh, donate=False
-    )
+        graphdef, losses.eps_loss, jaxdiff.VP(), opt, rest=rest, mesh=mesh, donate=False,
+        grad_accum=grad_accum,
+    )  # fmt: skip
     batch = {"x": data.toy_2d("moons", GLOBAL_BATCH, seed=2).x}
     return state, step_fn, batch
 
@@ -55,6 +56,8 @@ class _Worker:
             info = json.loads(stdout.strip().splitlines()[-1])
             with np.load(self.out) as f:
                 self.result = info, [f[f"arr_{i}"] for i in range(len(f.files))]
+            with np.load(self.out.with_name("accum.npz")) as f:
+                self.accum = [f[f"arr_{i}"] for i in range(len(f.files))]
         return self.result
 
 
@@ -106,4 +109,21 @@ def test_indivisible_batch_is_a_clear_error(eight_devices):
     info, _ = eight_devices
     assert info["indivisible_error"] == (
         "the global batch size 60 must be divisible by the number of devices 8; change batch_size."
+    )
+
+
+def test_grad_accumulation_on_eight_devices(worker):
+    # 2 micro-batches of 32 (4 examples per device each): same step as on one device
+    mesh = training.make_mesh()
+    state, step_fn, batch = setup(mesh, grad_accum=2)
+    new, _ = step_fn(state, training.shard_batch(mesh, batch))
+    worker.get()
+    for a, b in zip(jax.tree.leaves(new.params), worker.accum, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="batch size 64 must be divisible by grad_accum=3"):
+        setup(mesh, grad_accum=3)[1](state, training.shard_batch(mesh, batch))
+    info, _ = worker.get()
+    assert info["accum_error"] == (
+        "the batch size 64 must be divisible by grad_accum=16 times the number of devices 8; "
+        "change batch_size or grad_accum."
     )
