@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from equinox import AbstractVar
 
-from jaxdiff._utils import is_concrete
+from jaxdiff._utils import check_like_x, is_concrete
 from jaxdiff.processes import Process
 
 __all__ = [
@@ -194,14 +194,9 @@ def checked_denoiser(denoise: Callable) -> Callable:
     """``denoise`` with its output shape checked against ``x`` at trace time (``ValueError``)."""
 
     def checked(x, t):
-        x0 = denoise(x, t)
-        if jnp.shape(x0) != jnp.shape(x):
-            raise ValueError(
-                f"the denoiser {_describe(denoise)} returned shape {tuple(jnp.shape(x0))} for x of "
-                f"shape {tuple(jnp.shape(x))}; a denoiser must return x0_hat shaped like x. For a "
-                "network, check its output channels (jaxdiff.denoiser checks it too)."
-            )
-        return x0
+        who = f"the denoiser {_describe(denoise)}"
+        hint = " For a network, check its output channels (jaxdiff.denoiser checks it too)."
+        return check_like_x(denoise(x, t), x, who, hint)
 
     return checked
 
