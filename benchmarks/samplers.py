@@ -32,7 +32,6 @@ off each sampler (``nfe_per_step``, ``steps_for_nfe``). Writes the "samplers" se
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 import sys
@@ -55,6 +54,7 @@ import jaxdiff  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
+from experiments.common import compilations, markdown_table  # noqa: E402
 from jaxdiff import samplers as S  # noqa: E402
 from jaxdiff import schedules  # noqa: E402
 from jaxdiff.analytic import GaussianMixture  # noqa: E402
@@ -162,22 +162,6 @@ def timings(fn, repeats):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), min(times)
-
-
-@contextlib.contextmanager
-def compilations():
-    """Count the XLA compilations made inside the block (``jax.monitoring`` events)."""
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def denoiser_time(denoise, x, repeats):
@@ -349,49 +333,45 @@ def run(quick: bool):
 
 # --- report ------------------------------------------------------------------------------------
 def table(rows, den_name):
-    lines = [
-        "| sampler | target NFE | steps | NFE | time (ms) | min (ms) | api (ms) | overhead "
-        "| vs loop | compile (s) | RMSE vs ODE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in (r for r in rows if r["denoiser"] == den_name):
-        err = "" if r["error"] is None else f"{r['error']:.2e}"
-        lines.append(
-            f"| {r['sampler']} | {r['target']} | {r['steps']} | {r['nfe']} | {r['time_ms']:.2f} "
-            f"| {r['min_ms']:.2f} | {r['api_ms']:.2f} | {r['overhead']:.2f} | {r['vs_loop']:.2f} "
-            f"| {r['compile_s']:.2f} | {err} |"
-        )
-    return "\n".join(lines)
+    header = ["sampler", "target NFE", "steps", "NFE", "time (ms)", "min (ms)", "api (ms)"]
+    header += ["overhead", "vs loop", "compile (s)", "RMSE vs ODE"]
+    cells = [
+        [r["sampler"], r["target"], r["steps"], r["nfe"], f"{r['time_ms']:.2f}",
+         f"{r['min_ms']:.2f}", f"{r['api_ms']:.2f}", f"{r['overhead']:.2f}",
+         f"{r['vs_loop']:.2f}", f"{r['compile_s']:.2f}",
+         "" if r["error"] is None else f"{r['error']:.2e}"]
+        for r in rows
+        if r["denoiser"] == den_name
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def rebuilt_table(rebuilt, den_name):
     """The "sampler rebuilt each call" rows: compilations after the first calls, times vs loop."""
-    lines = [
-        "| sampler rebuilt each call | NFE | compilations | jit (ms) | bare scan (ms) | vs loop "
-        "| `jaxdiff.sample` (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in (r for r in rebuilt if r["denoiser"] == den_name):
-        lines.append(
-            f"| {r['sampler']} | {r['nfe']} | {r['compiles']} in {r['calls']} calls | "
-            f"{r['jit_ms']:.2f} | {r['loop_ms']:.2f} | {r['vs_loop']:.2f} | {r['api_ms']:.2f} |"
-        )
-    return "\n".join(lines)
+    header = ["sampler rebuilt each call", "NFE", "compilations", "jit (ms)", "bare scan (ms)"]
+    header += ["vs loop", "`jaxdiff.sample` (ms)"]
+    cells = [
+        [r["sampler"], r["nfe"], f"{r['compiles']} in {r['calls']} calls", f"{r['jit_ms']:.2f}",
+         f"{r['loop_ms']:.2f}", f"{r['vs_loop']:.2f}", f"{r['api_ms']:.2f}"]
+        for r in rebuilt
+        if r["denoiser"] == den_name
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def compile_summary(rows, den_name, targets):
-    """Compile time per sampler against NFE, and its ratio largest/smallest NFE."""
-    lines = ["| sampler | " + " | ".join(f"NFE~{t}" for t in targets) + " |"]
-    lines.append("|---|" + "---:|" * len(targets))
-    for name in SAMPLERS:
-        cs = [
-            r["compile_s"]
+    """Compile time per sampler against NFE."""
+    cells = [
+        [name]
+        + [
+            f"{r['compile_s']:.2f} s"
             for t in targets
             for r in rows
             if r["denoiser"] == den_name and r["sampler"] == name and r["target"] == t
         ]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.2f} s" for c in cs) + " |")
-    return "\n".join(lines)
+        for name in SAMPLERS
+    ]
+    return markdown_table(["sampler", *(f"NFE~{t}" for t in targets)], cells)
 
 
 def plot(rows, path):

@@ -4,8 +4,8 @@
   ``config.json``, ``data_info.json`` and latest checkpoint) as a network and a denoiser.
 - :data:`SAMPLERS`: the one table of named samplers (``name -> factory(process)``) every script
   and its command line choose from; :data:`GRIDS` the named hand-made grids.
-- :func:`generate`: seeded samples of a run; :func:`save_samples`, :func:`image_grid` and
-  :func:`pyplot` for the figures.
+- :func:`generate`: seeded samples of a run; :func:`compilations` counts XLA compilations; :func:`save_samples`, :func:`image_grid` and
+  :func:`pyplot` for the figures, :func:`markdown_table` for the reports.
 
 Example:
     >>> denoise, process, config = load_denoiser("runs/toy2d")   # doctest: +SKIP
@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -48,6 +49,8 @@ __all__ = [
     "default_labels",
     "null_labels",
     "generate",
+    "compilations",
+    "markdown_table",
     "pyplot",
     "save_samples",
     "image_grid",
@@ -216,7 +219,33 @@ def generate(run: Run, denoise, *, num: int, sampler: str, steps: int, seed: int
     return np.asarray(result.x), int(result.nfe)
 
 
-# --- figures -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def compilations():
+    """The names of the functions XLA compiles inside the block (``jax.monitoring`` events):
+    ``with compilations() as compiled: ...`` then ``compiled == []`` when nothing compiled."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# --- reports and figures -------------------------------------------------------------------------
+def markdown_table(header, rows, *, text_columns: int = 1) -> str:
+    """A markdown table: the ``header`` names, then one line per row of cells (``str`` of each);
+    the first ``text_columns`` columns are left-aligned, the others (numbers) right-aligned."""
+    rule = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend (imported on first use)."""
     import matplotlib

@@ -362,14 +362,21 @@ def write_report(out: Path, c: DemoConfig, train_cfg, rows, quality_name, stats,
         f"{n} samples to held-out data (lower is better).",
         f"Total wall time {seconds:.0f} s on {os.cpu_count()} CPU cores ({jax.default_backend()}).",
         "",
-        f"| sampler | target | NFE | {quality_name} | time per call (ms) |",
-        "|---|---|---:|---:|---:|",
+        common.markdown_table(
+            ["sampler", "target", "NFE", quality_name, "time per call (ms)"],
+            [
+                [
+                    r["sampler"],
+                    r["target"],
+                    r["nfe"],
+                    f"{r['quality']:.4f}",
+                    f"{1e3 * r['seconds']:.1f}",
+                ]
+                for r in rows
+            ],
+            text_columns=2,
+        ),  # fmt: skip
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['sampler']} | {r['target']} | {r['nfe']} | {r['quality']:.4f} | "
-            f"{1e3 * r['seconds']:.1f} |"
-        )
     lines += [
         "",
         "Grids: DDPM and DDIM time-uniform, Heun and iPNDM Karras (rho = 7), DPM-Solvers "

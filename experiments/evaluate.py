@@ -341,18 +341,16 @@ def markdown_table(result: dict) -> str:
         f"Sample quality of {result['num_samples']} samples on the `{result['grid']}` grid "
         "(lower is better); NFE is what the sampler used, nearest to the target.",
         "",
-        "| sampler | target NFE | NFE | steps | " + " | ".join(metric_names) + " | seconds |",
-        "|---|---:|---:|---:|" + "---:|" * len(metric_names) + "---:|",
     ]
+    header = ["sampler", "target NFE", "NFE", "steps", *metric_names, "seconds"]
+    cells = []
     for row in result["rows"]:
-        cells = [row["sampler"], row["target_nfe"], row["nfe"], row["steps"]]
-        cells += [row.get(k, float("nan")) for k in metric_names] + [round(row["seconds"], 2)]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        cells.append([row["sampler"], row["target_nfe"], row["nfe"], row["steps"]])
+        cells[-1] += [row.get(k, float("nan")) for k in metric_names] + [round(row["seconds"], 2)]
     floor = result["data_floor"]
-    lines.append(
-        "| data (real vs real) | | | | " + " | ".join(_fmt(floor[k]) for k in metric_names) + " | |"
-    )
-    return "\n".join(lines) + "\n"
+    cells.append(["data (real vs real)", "", "", "", *(floor[k] for k in metric_names), ""])
+    table = common.markdown_table(header, [[_fmt(c) for c in row] for row in cells])
+    return "\n".join(lines) + "\n" + table + "\n"
 
 
 def plot(path: Path, result: dict):

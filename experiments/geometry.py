@@ -295,31 +295,30 @@ def summary_markdown(title, tr, mem, rows) -> str:
         f"Heun on a Karras grid, {tr['relative'].shape[0] - 1} steps, "
         f"{tr['relative'].shape[1]} trajectories, EDM coordinates.",
         "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| largest deviation from the chord / chord length | {float(st.worst_chord_deviation):.4f} |",
-        f"| mean over trajectories of their largest deviation | {float(st.max_chord_deviation):.4f} |",
-        f"| variance explained by 2 principal directions | {float(st.explained_2d):.6f} |",
-        f"| distance to final / chord after {half} steps: sampling | {samp[half]:.4f} |",
-        f"| distance to final / chord after {half} steps: denoising | {den[half]:.4f} |",
-        f"| median relative score deviation, largest over steps | {np.median(tr['score'], 1).max():.4f} |",
     ]
+    quantities = [
+        ["largest deviation from the chord / chord length", f"{float(st.worst_chord_deviation):.4f}"],
+        ["mean over trajectories of their largest deviation", f"{float(st.max_chord_deviation):.4f}"],
+        ["variance explained by 2 principal directions", f"{float(st.explained_2d):.6f}"],
+        [f"distance to final / chord after {half} steps: sampling", f"{samp[half]:.4f}"],
+        [f"distance to final / chord after {half} steps: denoising", f"{den[half]:.4f}"],
+        ["median relative score deviation, largest over steps",
+         f"{np.median(tr['score'], 1).max():.4f}"],
+    ]  # fmt: skip
     if mem is not None:
-        lines += [
-            f"| memorization: largest distance to a training point ({mem['points']} points) "
-            f"| {mem['max_distance']:.2e} ({mem['distinct']} distinct points hit) |"
-        ]
+        quantities.append(
+            [f"memorization: largest distance to a training point ({mem['points']} points)",
+             f"{mem['max_distance']:.2e} ({mem['distinct']} distinct points hit)"]
+        )  # fmt: skip
+    lines.append(common.markdown_table(["quantity", "value"], quantities, text_columns=2))
     lines += ["", "## Schedules (mean error against the teacher on held-out samples)", ""]
-    lines += [
-        "| sampler | NFE | fitted | error | best hand-made | its error |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['sampler']} | {r['nfe']} | {r['schedule']} | {r['error']:.4f} | "
-            f"{r['best_hand']} | {r['best_hand_error']:.4f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["sampler", "NFE", "fitted", "error", "best hand-made", "its error"]
+    cells = [
+        [r["sampler"], r["nfe"], r["schedule"], f"{r['error']:.4f}", r["best_hand"],
+         f"{r['best_hand_error']:.4f}"]
+        for r in rows
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n" + common.markdown_table(header, cells) + "\n"
 
 
 def parse_args(argv=None) -> GeometryConfig:

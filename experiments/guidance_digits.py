@@ -231,15 +231,14 @@ def markdown_table(rows, *, train_steps: int, config: GuidanceConfig, notes: str
         "per class from the same noise for every scale; judged by "
         "`experiments.classifier.digits_classifier`. " + notes,
         "",
-        "| method | scale | class accuracy | FD (classifier features) | sampling seconds |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['scale']:g} | {r['accuracy']:.3f} | {r['fd_classifier']:.2f} "
-            f"| {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["method", "scale", "class accuracy", "FD (classifier features)", "sampling seconds"]
+    cells = [
+        [r["method"], f"{r['scale']:g}", f"{r['accuracy']:.3f}", f"{r['fd_classifier']:.2f}",
+         f"{r['seconds']:.1f}"]
+        for r in rows
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n" + common.markdown_table(header, cells) + "\n"
 
 
 def parse_args(argv=None) -> GuidanceConfig:

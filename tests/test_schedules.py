@@ -3,14 +3,13 @@
 the interface of the fitted grids (GITS's step costs and program, optimize). Their accuracy
 against hand-made grids is checked in tests/test_geometry.py."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdiff
+from experiments.common import compilations
 from jaxdiff import fitted_grids, samplers, schedules
 from jaxdiff.analytic import Gaussian
 from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
@@ -42,22 +41,6 @@ def test_grid_shape_ends_and_order(process, name, n):
     assert np.all(np.diff(ts) < 0), ts
     assert np.all(ts[:-1] >= process.t_min) and np.all(ts[:-1] <= process.t_max)
     check_grid(ts, process)  # the engine accepts every grid (raises otherwise)
-
-
-@contextlib.contextmanager
-def compilations():
-    """The names of the functions XLA compiles inside the block (jax.monitoring)."""
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def k_diffusion_karras(n, sigma_min, sigma_max, rho=7.0):
