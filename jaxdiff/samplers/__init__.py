@@ -2,6 +2,7 @@
 
 from jaxdiff.samplers.base import (
     EmptyState,
+    OneCallSampler,
     Sampler,
     SampleResult,
     check_grid,
@@ -9,6 +10,7 @@ from jaxdiff.samplers.base import (
 )
 from jaxdiff.samplers.ddim import DDIM, ddim, ddim_step
 from jaxdiff.samplers.ddpm import DDPM, ddpm, ddpm_step
+from jaxdiff.samplers.discrete import DiscreteDDPM, discrete_ddpm
 from jaxdiff.samplers.dpm_solver import (
     DPMSolver,
     DPMSolverPP,
@@ -41,7 +43,16 @@ from jaxdiff.samplers.stochastic import (
 )
 from jaxdiff.samplers.unipc import UniPC, unipc, unipc_update
 
-__all__ = ["Sampler", "SampleResult", "EmptyState", "sample", "check_grid", "ddim", "ddim_step"]
+__all__ = [
+    "Sampler",
+    "OneCallSampler",
+    "SampleResult",
+    "EmptyState",
+    "sample",
+    "check_grid",
+    "ddim",
+    "ddim_step",
+]
 __all__ += ["ddpm", "ddpm_step", "euler", "euler_step", "heun", "heun_step"]
 __all__ += ["churn_step", "noise_level", "euler_maruyama", "euler_maruyama_step"]
 __all__ += ["langevin_step", "predictor_corrector"]
@@ -50,3 +61,4 @@ __all__ += ["dpm_solver_pp_sde", "dpm_solver_pp_sde_step", "ipndm", "ipndm_step"
 __all__ += ["unipc", "unipc_update"]
 __all__ += ["DDIM", "DDPM", "Euler", "Heun", "DPMSolver", "DPMSolverPP", "DPMSolverPPSDE"]
 __all__ += ["IPNDM", "UniPC", "EulerMaruyama", "PredictorCorrector"]
+__all__ += ["discrete_ddpm", "DiscreteDDPM"]

@@ -55,6 +55,7 @@ __all__ = [
     "Sampler",
     "SampleResult",
     "EmptyState",
+    "OneCallSampler",
     "sample",
     "check_grid",
     "check_sample_input",
@@ -119,6 +120,26 @@ class Sampler(eqx.Module):
         per = self.nfe_per_step
         lo = max(2, (int(target) - 1) // per + 1)
         return min((max(2, lo - 1), lo, lo + 1), key=lambda n: (abs(self.nfe(n) - target), n))
+
+
+class OneCallSampler(Sampler):
+    r"""Abstract sampler of one denoiser call per step and no history.
+
+    A subclass gives ``update(x, x0_hat, t, s, key) -> x_s``, the move from ``t`` to ``s`` once
+    :math:`\hat x_0 = D(x, t)` is known (DDIM, DDPM, Euler, Euler-Maruyama).
+    """
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0_hat = denoise(x, t)
+        return self.update(x, x0_hat, t, s, key), state, x0_hat, 1
+
+    @abc.abstractmethod
+    def update(self, x, x0_hat, t, s, key):
+        r"""The move from ``(x, t)`` to ``s`` given :math:`\hat x_0`."""
 
 
 def is_zero(value) -> bool:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, is_zero, step_noise
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, is_zero, step_noise
 
 __all__ = ["DDIM", "ddim", "ddim_step"]
 
@@ -37,22 +37,17 @@ def ddim_step(process: Process, x, x0_hat, t, s, eta=0.0, noise=None):
     return a_s * x0_hat + jnp.sqrt(sig_s**2 - c2) * eps_hat + jnp.sqrt(c2) * noise
 
 
-class DDIM(Sampler):
+class DDIM(OneCallSampler):
     """DDIM; built by :func:`ddim`."""
 
     process: Process
     eta: float = 0.0
 
-    def init(self, x_T, ts):
-        return EmptyState()
-
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        if is_zero(self.eta):  # a concrete 0 (e.g. under schedules.gits): no noise at all
-            return ddim_step(self.process, x, x0_hat, t, s), state, x0_hat, 1
+    def update(self, x, x0_hat, t, s, key):
+        if is_zero(self.eta):  # a concrete 0 (a step called outside the engine): no noise
+            return ddim_step(self.process, x, x0_hat, t, s)
         noise = step_noise(key, x, self.eta > 0)
-        return ddim_step(self.process, x, x0_hat, t, s, self.eta, noise), state, x0_hat, 1
+        return ddim_step(self.process, x, x0_hat, t, s, self.eta, noise)
 
     @property
     def stochastic(self) -> bool:

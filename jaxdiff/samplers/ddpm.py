@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, normal_like
 
 __all__ = ["DDPM", "ddpm", "ddpm_step"]
 
@@ -48,19 +48,13 @@ def ddpm_step(process: Process, x, x0_hat, t, s, noise):
     return mean + bcast(process.sigma(s), x) * jnp.sqrt(r) * noise
 
 
-class DDPM(Sampler):
+class DDPM(OneCallSampler):
     """DDPM ancestral sampler; built by :func:`ddpm`."""
 
     process: Process
 
-    def init(self, x_T, ts):
-        return EmptyState()
-
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        noise = normal_like(key, x)
-        return ddpm_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
+    def update(self, x, x0_hat, t, s, key):
+        return ddpm_step(self.process, x, x0_hat, t, s, normal_like(key, x))
 
     @property
     def stochastic(self) -> bool:

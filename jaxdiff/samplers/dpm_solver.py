@@ -48,14 +48,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import bcast
+from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
+from jaxdiff.samplers.base import EmptyState, Sampler, grid_dtype, is_zero, step_noise
 
 __all__ = [
     "DPMSolver",
     "DPMSolverPP",
     "DPMSolverPPSDE",
+    "DPMSolverPPSinglestep",
     "MultistepState",
     "init_history",
     "push_history",
@@ -66,6 +67,12 @@ __all__ = [
     "dpm_solver_pp_step",
     "dpm_solver_pp_sde",
     "dpm_solver_pp_sde_step",
+    "dpm_solver_pp_singlestep",
+    "dpm_solver_pp_singlestep_step",
+    "dpm_solver_embedded_step",
+    "afs_x0",
+    "denoise_or_afs",
+    "afs_nfe",
     "phi",
     "half_log_snr",
     "moment_weights",
@@ -348,6 +355,107 @@ class DPMSolverPP(Sampler):
     process: Process
     order: int = eqx.field(static=True, default=2)
     lower_order_final: bool = eqx.field(static=True, default=True)
+    afs: bool = eqx.field(static=True, default=False)
+
+    def init(self, x_T, ts):
+        return init_history(x_T, ts, self.order - 1)
+
+    def step(self, denoise, x, state, ts, i, key):
+        t, s = ts[i], ts[i + 1]
+        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
+        q = step_order(self.order, i, ts, self.lower_order_final)
+        x_s = dpm_solver_pp_step(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q)
+        return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, nfe
+
+    def nfe(self, n: int) -> int:
+        return afs_nfe(super().nfe(n), self.afs, n)
+
+    @property
+    def name(self) -> str:
+        return f"dpm_solver_pp(order={self.order}{', afs' if self.afs else ''})"
+
+
+def dpm_solver_pp(
+    process: Process, order: int = 2, *, lower_order_final: bool = True, afs: bool = False
+) -> DPMSolverPP:
+    r"""Multistep DPM-Solver++(``order``M) in the data form (Lu et al. 2022b, Alg. 2; 3M variant).
+
+    One denoiser call per step: each step reuses the outputs of the ``order - 1`` previous steps
+    (see :func:`dpm_solver_pp_step`). The first steps warm up at lower order. With
+    ``lower_order_final`` (default) and a grid of fewer than 15 steps, the last solver step is
+    first order and the one before it at most second order, which keeps few-step sampling stable
+    near :math:`t_{min}` (Lu et al. 2022b, Sec. 5). ``afs=True`` replaces the first denoiser
+    call by its analytic approximation (:func:`denoise_or_afs`), one evaluation fewer.
+
+    Example:
+        >>> sampler = jaxdiff.samplers.dpm_solver_pp(jaxdiff.EDM(), order=2)   # doctest: +SKIP
+        >>> ts = jaxdiff.schedules.karras(jaxdiff.EDM(), 10)                  # doctest: +SKIP
+        >>> jaxdiff.sample(sampler, denoise, x_T, ts)                         # doctest: +SKIP
+    """
+    order = check_order("dpm_solver_pp", order, (2, 3))
+    return DPMSolverPP(process, order, lower_order_final, bool(afs))
+
+
+# --- SDE-DPM-Solver++(2M, 3M) -----------------------------------------------------------------
+def _noise_std(eta, h):
+    r""":math:`\sqrt{1 - e^{-2\eta h}}`, 0 (with finite gradients) where :math:`\eta h = 0`."""
+    var = -jnp.expm1(-2.0 * eta * h)
+    return jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+
+
+def dpm_solver_pp_sde_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q, noise, eta=1.0):
+    r"""One SDE-DPM-Solver++ step from ``t`` to ``s`` of order ``q`` (traced, 1 to 3), noise ``eta``.
+
+    The reverse SDEs of noise scale :math:`\eta \ge 0` (k-diffusion's ``eta``; 0 is the
+    probability-flow ODE, 1 the reverse SDE of Lu et al. 2022b, Sec. 4 and App. B) have in the
+    data form the exact solution, with :math:`h = \ell_s - \ell_t` and :math:`h_\eta = (1+\eta)h`,
+
+    .. math:: x_s = \frac{\sigma_s}{\sigma_t}e^{-\eta h}x_t + (1+\eta)\alpha_s
+        \int_{\ell_t}^{\ell_s}e^{-(1+\eta)(\ell_s-\ell)}\hat x_0\,d\ell
+        + \sigma_s\sqrt{1 - e^{-2\eta h}}\,z.
+
+    Expanding :math:`\hat x_0` in a Taylor series around :math:`\ell_t`, the integral is
+    :math:`\sum_k h^k h_\eta\varphi_{k+1}(-h_\eta)\hat x_0^{(k)}`; with the outputs
+    :math:`D_0, D_1, D_2` and gaps :math:`h_0, h_1` of :func:`dpm_solver_pp_step`:
+
+    - order 1: :math:`\alpha_s(1 - e^{-h_\eta})D_0`;
+    - order 2 (2M, k-diffusion's ``sample_dpmpp_2m_sde`` with ``solver_type='midpoint'``):
+      :math:`D_0` replaced by :math:`D_0 + \frac{1}{2r}(D_0 - D_1)`, :math:`r = h_0/h`;
+    - order 3 (3M, k-diffusion's ``sample_dpmpp_3m_sde`` in :math:`\ell`):
+      :math:`\alpha_s\left[(1 - e^{-h_\eta})D_0 + h\,h_\eta\varphi_2(-h_\eta)(f_{01} + h_0f_{012})
+      + 2h^2h_\eta\varphi_3(-h_\eta)f_{012}\right]`. k-diffusion (like DPM-Solver's official 3M)
+      carries half of the last (third-order Taylor) term; here it is the full term, so that
+      ``eta = 0`` is exactly :func:`dpm_solver_pp_step`'s third-order step.
+
+    ``eta = 1`` and order 2 is Lu et al.'s SDE-DPM-Solver++(2M). ``noise`` is a standard normal
+    draw like ``x`` (zeros where ``eta = 0``).
+    """
+    _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
+    gaps = _gaps(half_log_snr(process, t), ell_prev, h, q)
+    h_eta = (1.0 + eta) * h
+    one_minus = -jnp.expm1(-h_eta)  # = h_eta phi_1(-h_eta)
+    x_s = bcast(sig_s / sig_t * jnp.exp(-eta * h), x) * x + bcast(a_s * one_minus, x) * x0
+    # order 2: the midpoint extrapolation D_0 + (D_0 - D_1) / (2r)
+    c2 = jnp.where(q == 2, a_s * one_minus * h / (2.0 * gaps[0]), 0.0)
+    x_s = x_s + bcast(c2, x) * (x0 - x0_prev[0])
+    if x0_prev.shape[0] >= 2:  # order 3 is possible
+        f01 = (x0 - x0_prev[0]) / bcast(gaps[0], x)
+        f12 = (x0_prev[0] - x0_prev[1]) / bcast(gaps[1], x)
+        f012 = (f01 - f12) / bcast(gaps[0] + gaps[1], x)
+        c1 = a_s * h * h_eta * phi(2, -h_eta)
+        c3 = a_s * 2.0 * h**2 * h_eta * phi(3, -h_eta)
+        third = bcast(c1, x) * (f01 + bcast(gaps[0], x) * f012) + bcast(c3, x) * f012
+        x_s = x_s + jnp.where(q == 3, third, 0.0)
+    return x_s + bcast(sig_s * _noise_std(eta, h), x) * noise
+
+
+class DPMSolverPPSDE(Sampler):
+    """SDE-DPM-Solver++(2M or 3M) of noise scale ``eta``; built by :func:`dpm_solver_pp_sde`."""
+
+    process: Process
+    lower_order_final: bool = eqx.field(static=True, default=True)
+    order: int = eqx.field(static=True, default=2)
+    eta: float = 1.0
 
     def init(self, x_T, ts):
         return init_history(x_T, ts, self.order - 1)
@@ -356,94 +464,195 @@ class DPMSolverPP(Sampler):
         t, s = ts[i], ts[i + 1]
         x0 = denoise(x, t)
         q = step_order(self.order, i, ts, self.lower_order_final)
-        x_s = dpm_solver_pp_step(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q)
-        return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
-
-    @property
-    def name(self) -> str:
-        return f"dpm_solver_pp(order={self.order})"
-
-
-def dpm_solver_pp(
-    process: Process, order: int = 2, *, lower_order_final: bool = True
-) -> DPMSolverPP:
-    r"""Multistep DPM-Solver++(``order``M) in the data form (Lu et al. 2022b, Alg. 2; 3M variant).
-
-    One denoiser call per step: each step reuses the outputs of the ``order - 1`` previous steps
-    (see :func:`dpm_solver_pp_step`). The first steps warm up at lower order. With
-    ``lower_order_final`` (default) and a grid of fewer than 15 steps, the last solver step is
-    first order and the one before it at most second order, which keeps few-step sampling stable
-    near :math:`t_{min}` (Lu et al. 2022b, Sec. 5).
-
-    Example:
-        >>> sampler = jaxdiff.samplers.dpm_solver_pp(jaxdiff.EDM(), order=2)   # doctest: +SKIP
-        >>> ts = jaxdiff.schedules.karras(jaxdiff.EDM(), 10)                  # doctest: +SKIP
-        >>> jaxdiff.sample(sampler, denoise, x_T, ts)                         # doctest: +SKIP
-    """
-    order = check_order("dpm_solver_pp", order, (2, 3))
-    return DPMSolverPP(process, order, lower_order_final)
-
-
-# --- SDE-DPM-Solver++(2M) ---------------------------------------------------------------------
-def dpm_solver_pp_sde_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q, noise):
-    r"""One SDE-DPM-Solver++ step from ``t`` to ``s``, first (``q = 1``) or second order (2M).
-
-    The reverse SDE in the data form (Lu et al. 2022b, Sec. 4 and App. B) has the exact solution
-    :math:`x_s = \frac{\sigma_s}{\sigma_t}e^{-h}x_t + 2\alpha_s\int_{\ell_t}^{\ell_s}
-    e^{-2(\ell_s-\ell)}\hat x_0\,d\ell + \sigma_s\sqrt{1 - e^{-2h}}\,z`; SDE-DPM-Solver++(2M):
-
-    .. math:: x_s = \frac{\sigma_s}{\sigma_t}e^{-h}x + \alpha_s(1 - e^{-2h})
-        \left(D_0 + \frac{1}{2r}(D_0 - D_1)\right) + \sigma_s\sqrt{1 - e^{-2h}}\,z,
-        \qquad r = h_0/h,
-
-    the extrapolation switched off for ``q = 1``. ``noise`` is a standard normal draw like ``x``.
-    """
-    _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
-    gaps = _gaps(half_log_snr(process, t), ell_prev, h, q)
-    one_minus = -jnp.expm1(-2.0 * h)
-    c2 = jnp.where(q >= 2, h / (2.0 * gaps[0]), 0.0)
-    x0_ext = x0 + bcast(c2, x) * (x0 - x0_prev[0])
-    x_s = bcast(sig_s / sig_t * jnp.exp(-h), x) * x + bcast(a_s * one_minus, x) * x0_ext
-    return x_s + bcast(sig_s * jnp.sqrt(one_minus), x) * noise
-
-
-class DPMSolverPPSDE(Sampler):
-    """SDE-DPM-Solver++(2M); built by :func:`dpm_solver_pp_sde`."""
-
-    process: Process
-    lower_order_final: bool = eqx.field(static=True, default=True)
-
-    def init(self, x_T, ts):
-        return init_history(x_T, ts, 1)
-
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
-        q = step_order(2, i, ts, self.lower_order_final)
-        noise = normal_like(key, x)
+        if is_zero(self.eta):  # a concrete 0: no noise drawn at all
+            noise = jnp.zeros(x.shape, grid_dtype(x))
+        else:
+            noise = step_noise(key, x, self.eta > 0)
         x_s = dpm_solver_pp_sde_step(
-            self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise
+            self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise, self.eta
         )
         return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
 
     @property
     def stochastic(self) -> bool:
-        return True
+        return not is_zero(self.eta)
 
     @property
     def name(self) -> str:
-        return "dpm_solver_pp_sde"
+        if self.order == 2 and is_concrete(self.eta) and self.eta == 1.0:
+            return "dpm_solver_pp_sde"
+        return f"dpm_solver_pp_sde(order={self.order}, eta={self.eta})"
 
 
-def dpm_solver_pp_sde(process: Process, *, lower_order_final: bool = True) -> DPMSolverPPSDE:
-    r"""SDE-DPM-Solver++(2M): the stochastic multistep solver of Lu et al. (2022b); needs ``key``.
+def dpm_solver_pp_sde(
+    process: Process, order: int = 2, *, eta: float = 1.0, lower_order_final: bool = True
+) -> DPMSolverPPSDE:
+    r"""SDE-DPM-Solver++(2M) and (3M) (Lu et al. 2022b; k-diffusion's ``dpmpp_2m_sde``/``3m_sde``).
 
-    One denoiser call per step; samples the data distribution (not the probability-flow ODE's
-    deterministic map). See :func:`dpm_solver_pp_sde_step`; ``lower_order_final`` as in
-    :func:`dpm_solver_pp`.
+    One denoiser call per step. ``eta`` scales the noise (traced: a new value never recompiles):
+    ``eta = 1`` (default) samples the data distribution through the reverse SDE and needs a
+    ``key``; ``eta = 0`` is exactly :func:`dpm_solver_pp` of the same order (the
+    probability-flow ODE, no noise drawn). See :func:`dpm_solver_pp_sde_step`;
+    ``lower_order_final`` as in :func:`dpm_solver_pp`. ``dpm_solver_pp_sde(process)`` is
+    SDE-DPM-Solver++(2M) with ``eta = 1``.
 
     Example:
-        >>> sampler = jaxdiff.samplers.dpm_solver_pp_sde(jaxdiff.VP())       # doctest: +SKIP
-        >>> jaxdiff.sample(sampler, denoise, x_T, ts, key=jax.random.key(0))  # doctest: +SKIP
+        >>> import jaxdiff
+        >>> jaxdiff.samplers.dpm_solver_pp_sde(jaxdiff.VP(), 3, eta=0.5).name
+        'dpm_solver_pp_sde(order=3, eta=0.5)'
     """
-    return DPMSolverPPSDE(process, lower_order_final)
+    order = check_order("dpm_solver_pp_sde", order, (2, 3))
+    if is_concrete(eta) and not eta >= 0:
+        raise ValueError(f"eta must be non-negative, got {eta}; 0 gives dpm_solver_pp.")
+    return DPMSolverPPSDE(process, lower_order_final, order, float(eta) if is_concrete(eta) else eta)
+
+
+# --- singlestep DPM-Solver++ (data prediction) -----------------------------------------------
+DPMSolverPPSinglestepState = EmptyState
+
+
+def _data_first_order(x, x0, sig_t, a_u, sig_u, rh):
+    r""":math:`\frac{\sigma_u}{\sigma_t}x + \alpha_u(1 - e^{-rh})\hat x_0` (DPM-Solver++-1 to ``u``)."""
+    return bcast(sig_u / sig_t, x) * x - bcast(a_u * jnp.expm1(-rh), x) * x0
+
+
+def dpm_solver_pp_singlestep_step(process: Process, denoise, x, t, s, order: int = 2):
+    r"""One singlestep DPM-Solver++ step from ``t`` to ``s`` (Lu et al. 2022b, Alg. 1 and App. A).
+
+    The data-form counterpart of :func:`dpm_solver_step`. With :math:`h = \ell_s - \ell_t`,
+    :math:`D_0 = \hat x_0(x, t)` and :math:`u_k` the time with :math:`\ell_{u_k} = \ell_t + r_kh`:
+
+    - order 2, DPM-Solver++(2S) (:math:`r_1 = 1/2`): :math:`x_{u_1} = \frac{\sigma_{u_1}}
+      {\sigma_t}x + \alpha_{u_1}(1 - e^{-r_1h})D_0`, :math:`D_1 = \hat x_0(x_{u_1}, u_1)`, and
+      :math:`x_s = \frac{\sigma_s}{\sigma_t}x + \alpha_s(1 - e^{-h})\left(D_0 +
+      \frac{1}{2r_1}(D_1 - D_0)\right)`;
+    - order 3, DPM-Solver++(3S) (:math:`r_1 = 1/3`, :math:`r_2 = 2/3`): :math:`x_{u_1}` as above,
+      :math:`x_{u_2} = \frac{\sigma_{u_2}}{\sigma_t}x + \alpha_{u_2}(1 - e^{-r_2h})D_0 +
+      \frac{r_2}{r_1}\alpha_{u_2}r_2h\varphi_2(-r_2h)(D_1 - D_0)`, :math:`D_2 =
+      \hat x_0(x_{u_2}, u_2)`, and :math:`x_s = \frac{\sigma_s}{\sigma_t}x + \alpha_s(1 -
+      e^{-h})D_0 + \frac{\alpha_s}{r_2}h\varphi_2(-h)(D_2 - D_0)`.
+
+    ``order`` denoiser calls. Returns ``(x_s, x0_hat)`` with ``x0_hat = denoise(x, t)``.
+    """
+    check_order("dpm_solver_pp_singlestep_step", order, (1, 2, 3))
+    _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
+    x0 = denoise(x, t)
+    x_s = _data_first_order(x, x0, sig_t, a_s, sig_s, h)
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    if order >= 2:
+        u1, a_1, sig_1 = _intermediate(process, t, h, r1)
+        d1 = denoise(_data_first_order(x, x0, sig_t, a_1, sig_1, r1 * h), u1) - x0
+    if order == 2:
+        x_s = x_s + bcast(a_s * -jnp.expm1(-h) / (2.0 * r1), x) * d1
+    elif order == 3:
+        r2 = 2.0 / 3.0
+        u2, a_2, sig_2 = _intermediate(process, t, h, r2)
+        c2 = a_2 * (r2 / r1) * r2 * h * phi(2, -r2 * h)
+        x_2 = _data_first_order(x, x0, sig_t, a_2, sig_2, r2 * h) + bcast(c2, x) * d1
+        d2 = denoise(x_2, u2) - x0
+        x_s = x_s + bcast(a_s / r2 * h * phi(2, -h), x) * d2
+    return x_s, x0
+
+
+class DPMSolverPPSinglestep(Sampler):
+    """Singlestep DPM-Solver++; built by :func:`dpm_solver_pp_singlestep`."""
+
+    process: Process
+    order: int = eqx.field(static=True, default=2)
+
+    def init(self, x_T, ts):
+        return EmptyState()
+
+    def step(self, denoise, x, state, ts, i, key):
+        x_s, x0 = dpm_solver_pp_singlestep_step(
+            self.process, denoise, x, ts[i], ts[i + 1], self.order
+        )
+        return x_s, state, x0, self.order
+
+    @property
+    def nfe_per_step(self) -> int:
+        return self.order
+
+    @property
+    def name(self) -> str:
+        return f"dpm_solver_pp_singlestep(order={self.order})"
+
+
+def dpm_solver_pp_singlestep(process: Process, order: int = 2) -> DPMSolverPPSinglestep:
+    r"""Singlestep DPM-Solver++(2S) or (3S) in the data form (Lu et al. 2022b, Alg. 1; App. A).
+
+    ``order`` denoiser calls per step (the engine's final step into 0 costs 1), global order
+    ``order``. ``ancestral(dpm_solver_pp_singlestep(p, 2))`` is k-diffusion's DPM++ 2S ancestral.
+    See :func:`dpm_solver_pp_singlestep_step`.
+
+    Example:
+        >>> import jaxdiff
+        >>> jaxdiff.samplers.dpm_solver_pp_singlestep(jaxdiff.EDM(), order=3).nfe(5)
+        13
+    """
+    return DPMSolverPPSinglestep(process, check_order("dpm_solver_pp_singlestep", order, (2, 3)))
+
+
+# --- embedded pairs of the adaptive DPM-Solver -----------------------------------------------
+def dpm_solver_embedded_step(process: Process, x, x0, eps, t, s, order: int, denoise):
+    r"""The embedded pair of the adaptive DPM-Solver (Lu et al. 2022, Sec. 3.3 and Alg. 4-5).
+
+    From ``(x, t)`` to ``s`` given ``x0``, ``eps`` = the denoiser's output at ``(x, t)`` and
+    its :math:`\hat\epsilon`: ``order=2`` pairs DPM-Solver-1 with DPM-Solver-2
+    (:math:`r_1 = 1/2`), ``order=3`` pairs DPM-Solver-2 with :math:`r_1 = 1/3` and DPM-Solver-3,
+    which shares its evaluation at :math:`u_1` (the rules of :func:`dpm_solver_step`). Returns
+    ``(x_low, x_high)``, after ``order - 1`` denoiser calls (the one at ``t`` is given).
+    """
+    a_t, _, a_s, sig_s, h = _coefficients(process, t, s)
+    x_1 = _first_order(x, eps, a_t, a_s, sig_s, h)  # DPM-Solver-1 (DDIM)
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    u1, a_1, sig_1 = _intermediate(process, t, h, r1)
+    d1 = _eps(process, denoise, _first_order(x, eps, a_t, a_1, sig_1, r1 * h), u1)[1] - eps
+    x_2 = x_1 - bcast(sig_s * jnp.expm1(h) / (2.0 * r1), x) * d1  # DPM-Solver-2 with r_1
+    if order == 2:
+        return x_1, x_2
+    r2 = 2.0 / 3.0
+    u2, a_2, sig_2 = _intermediate(process, t, h, r2)
+    c2 = sig_2 * (r2 / r1) * (phi(1, r2 * h) - 1.0)
+    x_u2 = _first_order(x, eps, a_t, a_2, sig_2, r2 * h) - bcast(c2, x) * d1
+    d2 = _eps(process, denoise, x_u2, u2)[1] - eps
+    x_3 = x_1 - bcast(sig_s / r2 * (phi(1, h) - 1.0), x) * d2  # DPM-Solver-3
+    return x_2, x_3
+
+
+# --- analytical first step (AFS) of the multistep samplers -----------------------------------
+def afs_x0(process: Process, x, t):
+    r"""diff-sampler's analytical first step: :math:`\hat x_0` at ``(x, t)`` without a network.
+
+    Zhou et al. 2024 ("Fast ODE-based Sampling for Diffusion Models in Around 5 Steps", Sec. 4.2,
+    AFS): at the prior the noise is nearly all of :math:`x`, so the first slope is taken as
+    :math:`\hat\epsilon = \tilde x/\sqrt{1 + \tilde\sigma^2} = x/\sqrt{\alpha_t^2 + \sigma_t^2}`
+    (the standardized :math:`x` of data with unit variance), and
+    :math:`\hat x_0 = (x - \sigma_t\hat\epsilon)/\alpha_t`.
+    """
+    a, sig = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    return process.x0_from_eps(x, x / jnp.sqrt(a**2 + sig**2), t)
+
+
+def denoise_or_afs(afs: bool, process: Process, denoise, x, t, i):
+    r"""``(x0_hat, nfe)`` at ``(x, t)``: the denoiser's output, or with ``afs`` at step ``i = 0``
+    :func:`afs_x0` (no denoiser call, ``nfe`` 0).
+
+    AFS saves one evaluation of a multistep sampler's budget. It helps where the grid starts at a
+    large noise level (:math:`\tilde\sigma(t_0) \gg` the data's scale, e.g. EDM's 80, VP's 150)
+    and the budget is small (NFE 3-10), the regime of Zhou et al. (2024); at higher NFE, or from a
+    low noise level (SDEdit-like starts), its approximation error costs more than it saves.
+    """
+    if not afs:
+        return denoise(x, t), 1
+    dtype = jax.eval_shape(denoise, x, t).dtype
+    first = i == 0
+    x0 = jax.lax.cond(
+        first, lambda: afs_x0(process, x, t).astype(dtype), lambda: denoise(x, t).astype(dtype)
+    )
+    return x0, jnp.where(first, 0, 1)
+
+
+def afs_nfe(nfe: int, afs: bool, n: int) -> int:
+    """The NFE of ``n`` grid steps, less the one AFS saves (a grid of ``n >= 2`` steps)."""
+    return nfe - int(bool(afs) and n >= 2)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, is_zero, normal_like
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, Sampler, is_zero, normal_like
 
 __all__ = ["Euler", "Heun", "euler", "heun", "euler_step", "heun_step", "churn_step", "noise_level"]
 
@@ -86,18 +86,13 @@ def churn_step(process: Process, x, t, gamma, noise):
     return bcast(process.alpha(t_hat), x) * x_scaled, t_hat
 
 
-class Euler(Sampler):
+class Euler(OneCallSampler):
     """Euler on the probability-flow ODE; built by :func:`euler`."""
 
     process: Process
 
-    def init(self, x_T, ts):
-        return EmptyState()
-
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        return euler_step(self.process, x, x0_hat, t, s), state, x0_hat, 1
+    def update(self, x, x0_hat, t, s, key):
+        return euler_step(self.process, x, x0_hat, t, s)
 
 
 def euler(process: Process) -> Euler:

@@ -50,7 +50,14 @@ import numpy as np
 from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
-from jaxdiff.samplers.dpm_solver import check_order, moment_weights, push, step_order
+from jaxdiff.samplers.dpm_solver import (
+    afs_nfe,
+    check_order,
+    denoise_or_afs,
+    moment_weights,
+    push,
+    step_order,
+)
 
 __all__ = ["IPNDM", "ipndm", "ipndm_step", "adams_bashforth_weights"]
 
@@ -114,6 +121,7 @@ class IPNDM(Sampler):
     process: Process
     order: int = eqx.field(static=True, default=4)
     variable_step: bool = eqx.field(static=True, default=False)
+    afs: bool = eqx.field(static=True, default=False)
 
     def init(self, x_T, ts):
         x_T, m = jnp.asarray(x_T), self.order - 1
@@ -121,27 +129,35 @@ class IPNDM(Sampler):
 
     def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
+        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
         q = step_order(self.order, i, ts)
         x_s, eps = ipndm_step(
             self.process, x, x0, t, s, state.eps_prev, state.sig_prev, q, self.variable_step
         )
         sig_t = self.process.noise_level(t)
-        return x_s, IPNDMState(push(state.eps_prev, eps), push(state.sig_prev, sig_t)), x0, 1
+        return x_s, IPNDMState(push(state.eps_prev, eps), push(state.sig_prev, sig_t)), x0, nfe
+
+    def nfe(self, n: int) -> int:
+        return afs_nfe(super().nfe(n), self.afs, n)
 
     @property
     def name(self) -> str:
-        return f"ipndm(order={self.order}{', variable_step' if self.variable_step else ''})"
+        extra = (", variable_step" if self.variable_step else "") + (", afs" if self.afs else "")
+        return f"ipndm(order={self.order}{extra})"
 
 
-def ipndm(process: Process, order: int = 4, *, variable_step: bool = False) -> IPNDM:
+def ipndm(
+    process: Process, order: int = 4, *, variable_step: bool = False, afs: bool = False
+) -> IPNDM:
     r"""iPNDM of order 1 to 4 (Zhang & Chen 2023): Adams--Bashforth in :math:`(\tilde x, \tilde\sigma)`.
 
     One denoiser call per step; the first ``order - 1`` steps warm up at lower order. ``order=1``
     is Euler (= DDIM). ``variable_step=True`` uses the weights of the actual grid (see the module
-    docstring) instead of iPNDM's fixed ones.
+    docstring) instead of iPNDM's fixed ones. ``afs=True`` replaces the first denoiser call by
+    its analytic approximation (:func:`jaxdiff.samplers.dpm_solver.denoise_or_afs`), one
+    evaluation fewer.
 
     Example:
         >>> sampler = jaxdiff.samplers.ipndm(jaxdiff.EDM(), order=4)  # doctest: +SKIP
     """
-    return IPNDM(process, check_order("ipndm", order, (1, 2, 3, 4)), variable_step)
+    return IPNDM(process, check_order("ipndm", order, (1, 2, 3, 4)), variable_step, bool(afs))

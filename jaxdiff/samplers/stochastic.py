@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete, sum_except_batch
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, Sampler, normal_like
 
 __all__ = [
     "EulerMaruyama",
@@ -80,19 +80,13 @@ def langevin_step(process: Process, x, x0_hat, t, noise, snr=0.16, scale=1.0):
     return x + eps * score + jnp.sqrt(2.0 * eps) * noise
 
 
-class EulerMaruyama(Sampler):
+class EulerMaruyama(OneCallSampler):
     """Euler-Maruyama on the reverse SDE; built by :func:`euler_maruyama`."""
 
     process: Process
 
-    def init(self, x_T, ts):
-        return EmptyState()
-
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoise(x, t)
-        noise = normal_like(key, x)
-        return euler_maruyama_step(self.process, x, x0_hat, t, s, noise), state, x0_hat, 1
+    def update(self, x, x0_hat, t, s, key):
+        return euler_maruyama_step(self.process, x, x0_hat, t, s, normal_like(key, x))
 
     @property
     def stochastic(self) -> bool:

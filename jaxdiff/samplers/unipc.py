@@ -48,7 +48,9 @@ from jaxdiff._utils import bcast
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.dpm_solver import (
+    afs_nfe,
     check_order,
+    denoise_or_afs,
     half_log_snr,
     moment_weights,
     phi,
@@ -116,6 +118,7 @@ class UniPC(Sampler):
     process: Process
     order: int = eqx.field(static=True, default=2)
     lower_order_final: bool = eqx.field(static=True, default=True)
+    afs: bool = eqx.field(static=True, default=False)
 
     def init(self, x_T, ts):
         x_T, m = jnp.asarray(x_T), self.order
@@ -124,28 +127,35 @@ class UniPC(Sampler):
 
     def step(self, denoise, x, state, ts, i, key):
         t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
+        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
         x = _correct(self.process, x, x0, state, ts, i, self.order, self.lower_order_final)
         x = x.astype(state.x_prev.dtype)
         q = step_order(self.order, i, ts, self.lower_order_final)
         x_s = unipc_update(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q - 1)
         ell_t = half_log_snr(self.process, t)
-        return x_s, UniPCState(x, push(state.x0_prev, x0), push(state.ell_prev, ell_t)), x0, 1
+        return x_s, UniPCState(x, push(state.x0_prev, x0), push(state.ell_prev, ell_t)), x0, nfe
+
+    def nfe(self, n: int) -> int:
+        return afs_nfe(super().nfe(n), self.afs, n)
 
     @property
     def name(self) -> str:
-        return f"unipc(order={self.order})"
+        return f"unipc(order={self.order}{', afs' if self.afs else ''})"
 
 
-def unipc(process: Process, order: int = 2, *, lower_order_final: bool = True) -> UniPC:
+def unipc(
+    process: Process, order: int = 2, *, lower_order_final: bool = True, afs: bool = False
+) -> UniPC:
     r"""UniPC with predictor UniP-``order`` and corrector UniC (bh2), 1 denoiser call per step.
 
     Orders 1 to 3: UniP-p has order p, and UniC raises the order of every corrected step by one
     (Zhao et al. 2023, Thm. 3.2), so the global order is ``order + 1`` in theory (measured in
     ``tests/test_convergence.py``). The first steps warm up at lower order; ``lower_order_final``
-    as in :func:`jaxdiff.samplers.dpm_solver_pp`.
+    as in :func:`jaxdiff.samplers.dpm_solver_pp`. ``afs=True`` replaces the first denoiser call
+    by its analytic approximation (:func:`jaxdiff.samplers.dpm_solver.denoise_or_afs`), one
+    evaluation fewer.
 
     Example:
         >>> sampler = jaxdiff.samplers.unipc(jaxdiff.VP(), order=2)  # doctest: +SKIP
     """
-    return UniPC(process, check_order("unipc", order, (1, 2, 3)), lower_order_final)
+    return UniPC(process, check_order("unipc", order, (1, 2, 3)), lower_order_final, bool(afs))
