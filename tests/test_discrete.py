@@ -1,0 +1,275 @@
+"""The discrete DDPM chain (jaxdiff.discrete, samplers.discrete_ddpm), checked in closed form.
+
+- the chain's coefficients equal Ho et al.'s beta-table formulas (x64, 1e-12); the posterior mean
+  through x0_hat equals Eq. 11 through eps_hat; q(x_n | x_0) is the composition of the steps;
+- respacing: the respaced table keeps the kept alphas_cumprod, and sampling it equals sampling
+  the original chain on the sub-grid; FixedSmall is samplers.ddpm;
+- the law of the chain on a Gaussian target after ancestral sampling with the exact denoiser
+  equals a closed-form linear-Gaussian recursion written here in NumPy (moments, MC tolerance);
+- many steps: the chain approaches the reverse SDE (Euler-Maruyama on the same grid, and the
+  closed-form law's distance to the data shrinks with N);
+- Analytic-DPM's variance equals its closed form on a Gaussian target;
+- the variational bound: KL and decoder terms in closed form, the bound exceeds the model's exact
+  NLL, the optimal learned variance, importance sampling and the hybrid loss.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff import discrete as D
+from jaxdiff.analytic import Gaussian
+
+KEY = jax.random.key(0)
+SMALL = jaxdiff.DiscreteVP.linear(n=50, beta_start=1e-3, beta_end=0.2)
+MEAN = np.array([0.5, -0.3])
+COV = np.array([[0.6, 0.25], [0.25, 0.3]])
+TARGET = Gaussian(jnp.asarray(MEAN), jnp.asarray(COV))
+
+
+def np_abar(process):
+    return np.cumprod(1.0 - np.asarray(process.betas, np.float64))
+
+
+def ho_coefficients(abar_t, abar_s):
+    """Ho et al. Eq. 7 written with the (respaced) beta = 1 - abar_t / abar_s."""
+    beta = 1.0 - abar_t / abar_s
+    c0 = np.sqrt(abar_s) * beta / (1.0 - abar_t)
+    ct = np.sqrt(1.0 - beta) * (1.0 - abar_s) / (1.0 - abar_t)
+    return beta, (1.0 - abar_s) / (1.0 - abar_t) * beta, c0, ct
+
+
+# --------------------------------------------------------------------------------------------
+# The chain's coefficients
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("builder", ["linear", "scaled_linear", "cosine"])
+def test_transition_between_knots_is_the_beta_table(builder):
+    ddpm = getattr(jaxdiff.DiscreteVP, builder)(n=200)
+    abar = np_abar(ddpm)
+    n = np.arange(1, 200)
+    tr = D.transition(ddpm, D.step_times(ddpm, n), D.step_times(ddpm, n - 1))
+    beta, beta_tilde, c0, ct = ho_coefficients(abar[1:], abar[:-1])
+    np.testing.assert_allclose(tr.beta, np.asarray(ddpm.betas)[1:], rtol=1e-11)
+    np.testing.assert_allclose(tr.beta_tilde, beta_tilde, rtol=1e-11)
+    np.testing.assert_allclose(tr.coef_x0, c0, rtol=1e-11)
+    np.testing.assert_allclose(tr.coef_xt, ct, rtol=1e-11)
+    np.testing.assert_allclose(tr.alpha**2, 1.0 - beta, rtol=1e-12)
+    # the first step comes from the data: beta_tilde = 0, the mean is x0
+    tr0 = D.transition(ddpm, D.step_times(ddpm, 0), 0.0)
+    assert float(tr0.beta_tilde) == 0.0 and abs(float(tr0.coef_x0) - 1.0) < 1e-12
+    np.testing.assert_allclose(tr0.beta, np.asarray(ddpm.betas)[0], rtol=1e-12)
+
+
+def test_posterior_mean_through_x0_hat_is_eq_11_through_eps_hat():
+    """Ho et al. Eq. 11: mu = (x_t - beta / sqrt(1 - abar_t) eps_hat) / sqrt(1 - beta), also for
+    respaced pairs of steps."""
+    ddpm = jaxdiff.DiscreteVP.cosine(n=100)
+    abar = np_abar(ddpm)
+    x = jax.random.normal(KEY, (6, 3))
+    eps_hat = jax.random.normal(jax.random.key(1), (6, 3))
+    for n, m in [(1, 0), (50, 49), (99, 98), (99, 60), (30, 3)]:
+        t, s = D.step_times(ddpm, n), D.step_times(ddpm, m)
+        x0_hat = ddpm.x0_from_eps(x, eps_hat, t)
+        mean, var = D.posterior(ddpm, x, x0_hat, t, s)
+        beta = 1.0 - abar[n] / abar[m]
+        eq11 = (np.asarray(x) - beta / np.sqrt(1 - abar[n]) * np.asarray(eps_hat)) / np.sqrt(
+            1 - beta
+        )
+        np.testing.assert_allclose(mean, eq11, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(var, (1 - abar[m]) / (1 - abar[n]) * beta, rtol=1e-11)
+
+
+def test_forward_steps_compose_to_the_marginal():
+    """Iterating q(x_n | x_{n-1}) from x0 gives q(x_n | x0) = N(sqrt(abar_n) x0, 1 - abar_n)."""
+    ddpm = jaxdiff.DiscreteVP.linear(n=300)
+    x0 = jnp.array([[1.5, -2.0]])
+    step = jax.jit(lambda m, n: D.forward_step(ddpm, m, D.step_times(ddpm, n), n / 300))
+    mean, var = x0, 0.0
+    for n in range(300):
+        mean, beta = step(mean, n)
+        var = (1.0 - beta) * var + beta
+    abar = np_abar(ddpm)[-1]
+    np.testing.assert_allclose(mean, np.sqrt(abar) * np.asarray(x0), rtol=1e-11)
+    np.testing.assert_allclose(var, 1.0 - abar, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Respacing and the sampler
+# --------------------------------------------------------------------------------------------
+def test_respace_keeps_alphas_cumprod_and_grid():
+    ddpm = jaxdiff.DiscreteVP.linear()
+    steps = D.respaced_steps(1000, 25)
+    assert steps[0] == 0 and steps[-1] == 999 and len(set(steps)) == 25
+    short = D.respace(ddpm, steps)
+    np.testing.assert_allclose(short.alphas_cumprod, np_abar(ddpm)[steps], rtol=1e-12)
+    ts = np.asarray(D.grid(ddpm, steps))
+    np.testing.assert_allclose(ts[:-1], (steps[::-1] + 1) / 1000, rtol=1e-15)
+    assert ts[-1] == 0.0
+    for bad in ([3, 2], [0, 1000], [-1, 5], [[0, 1]]):
+        with pytest.raises(ValueError, match="steps"):
+            D.grid(ddpm, np.array(bad))
+    with pytest.raises(ValueError, match="count"):
+        D.respaced_steps(10, 11)
+
+
+@pytest.mark.parametrize("variance", [D.FixedLarge(), D.FixedSmall()], ids=["large", "small"])
+def test_sampling_the_respaced_chain_equals_sampling_the_sub_grid(variance):
+    ddpm = jaxdiff.DiscreteVP.linear()
+    steps = D.respaced_steps(1000, 12)
+    short = D.respace(ddpm, steps)
+    x_T = jax.random.normal(KEY, (64, 2))
+    run = lambda p, ts: (
+        jaxdiff.sample(
+            jaxdiff.samplers.discrete_ddpm(p, variance), TARGET.denoiser(p), x_T, ts, key=KEY
+        ).x
+    )
+    a, b = run(ddpm, D.grid(ddpm, steps)), run(short, D.grid(short))
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_fixed_small_is_the_ddpm_sampler_and_learned_v_interpolates():
+    ddpm = SMALL
+    ts = D.grid(ddpm, D.respaced_steps(50, 20))
+    x_T = jax.random.normal(KEY, (32, 2))
+    denoise = TARGET.denoiser(ddpm)
+
+    def run(sampler):
+        return jaxdiff.sample(sampler, denoise, x_T, ts, key=KEY).x
+
+    small = run(jaxdiff.samplers.discrete_ddpm(ddpm))
+    np.testing.assert_allclose(small, run(jaxdiff.samplers.ddpm(ddpm)), rtol=1e-10, atol=1e-12)
+    large = run(jaxdiff.samplers.discrete_ddpm(ddpm, D.FixedLarge()))
+    for v, expected in [(0.0, small), (1.0, large)]:
+        learned = D.Learned(lambda x, t, v=v: jnp.full_like(x, v))
+        out = run(jaxdiff.samplers.discrete_ddpm(ddpm, learned))
+        np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_variance_model_splits_a_doubled_network():
+    ddpm = SMALL
+
+    def net(x, t):  # eps = 0 (so x0_hat = x / alpha), v = 0.25
+        return jnp.concatenate([jnp.zeros_like(x), jnp.full_like(x, 0.25)], axis=-1)
+
+    denoise, variance = D.learned_variance_model(net, ddpm)
+    x, t, s = jnp.ones((3, 2)), D.step_times(ddpm, 20), D.step_times(ddpm, 10)
+    np.testing.assert_allclose(denoise(x, t), x / ddpm.alpha(t), rtol=1e-12)
+    tr = D.transition(ddpm, t, s)
+    expected = 0.25 * np.log(tr.beta) + 0.75 * np.log(tr.beta_tilde)
+    np.testing.assert_allclose(variance.log_variance(ddpm, x, t, tr), expected + 0 * x, rtol=1e-12)
+    with pytest.raises(ValueError, match="twice the channels"):
+        D.learned_variance_model(lambda x, t: x, ddpm)[0](x, t)
+
+
+# --------------------------------------------------------------------------------------------
+# The law of the chain on a Gaussian target, in closed form
+# --------------------------------------------------------------------------------------------
+def np_chain_law(abar_grid, variance, mean0, cov0, m=MEAN, c=COV):
+    """Mean and covariance of DDPM ancestral sampling with the exact denoiser of N(m, c), from
+    x_T ~ N(mean0, cov0) over the steps with cumulative products ``abar_grid`` (decreasing noise
+    order: abar_grid[0] is the first step), returning x0_hat at the last step.
+
+    Every step is linear-Gaussian: x0_hat = m + K (x - a m), K = a c (a^2 c + (1 - a^2) I)^-1, and
+    x_s = c0 x0_hat + ct x + sqrt(var) z (Ho et al. Eq. 6-7 with the respaced beta)."""
+    d = len(m)
+    mu, cov = np.asarray(mean0, float), np.asarray(cov0, float)
+    for k in range(len(abar_grid)):
+        ab = abar_grid[k]
+        a = np.sqrt(ab)
+        K = a * c @ np.linalg.inv(ab * c + (1 - ab) * np.eye(d))
+        b = m - K @ (a * m)
+        if k == len(abar_grid) - 1:  # last step: x0_hat
+            return K @ mu + b, K @ cov @ K.T
+        beta, beta_tilde, c0, ct = ho_coefficients(ab, abar_grid[k + 1])
+        A = c0 * K + ct * np.eye(d)
+        var = {"large": beta, "small": beta_tilde}[variance]
+        mu, cov = A @ mu + c0 * b, A @ cov @ A.T + var * np.eye(d)
+
+
+@pytest.mark.parametrize("variance", ["large", "small"])
+def test_law_of_the_chain_on_a_gaussian_is_the_closed_form_recursion(variance):
+    ddpm = SMALL
+    steps = D.respaced_steps(50, 10)
+    n = 40_000
+    x_T = jax.random.normal(KEY, (n, 2))
+    var = {"large": D.FixedLarge(), "small": D.FixedSmall()}[variance]
+    sampler = jaxdiff.samplers.discrete_ddpm(ddpm, var)
+    x = np.asarray(
+        jaxdiff.sample(sampler, TARGET.denoiser(ddpm), x_T, D.grid(ddpm, steps), key=KEY).x
+    )
+    mu, cov = np_chain_law(np_abar(ddpm)[steps[::-1]], variance, np.zeros(2), np.eye(2))
+    se = np.sqrt(np.diag(cov) / n)
+    np.testing.assert_array_less(np.abs(x.mean(0) - mu), 5 * se)
+    # covariance entries: standard error of a sample covariance ~ sqrt((c_ii c_jj + c_ij^2)/n)
+    se_cov = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+    np.testing.assert_array_less(np.abs(np.cov(x.T) - cov), 5 * se_cov)
+    # the two variances give laws that differ by much more than the tolerance
+    other = np_chain_law(np_abar(ddpm)[steps[::-1]], {"large": "small", "small": "large"}[variance],
+                         np.zeros(2), np.eye(2))[1]  # fmt: skip
+    assert np.max(np.abs(other - cov)) > 20 * np.max(se_cov)
+
+
+def test_many_steps_approach_the_reverse_sde():
+    """DDPM over 1000 steps and Euler-Maruyama of the reverse SDE of the same DiscreteVP on the
+    same grid give the same law (the data's, up to O(1/N)); in closed form the chain's law moves
+    to the data as N grows."""
+    ddpm = jaxdiff.DiscreteVP.linear()
+    n = 20_000
+    x_T = jax.random.normal(KEY, (n, 2))
+    ts = D.grid(ddpm)
+    denoise = TARGET.denoiser(ddpm)
+    outs = [
+        np.asarray(jaxdiff.sample(s, denoise, x_T, ts, key=jax.random.key(i)).x)
+        for i, s in enumerate(
+            [
+                jaxdiff.samplers.discrete_ddpm(ddpm, D.FixedLarge()),
+                jaxdiff.samplers.euler_maruyama(ddpm),
+            ]
+        )
+    ]
+    se = np.sqrt(np.diag(COV) / n)
+    se_cov = np.sqrt((np.outer(np.diag(COV), np.diag(COV)) + COV**2) / n)
+    for x in outs:
+        np.testing.assert_array_less(np.abs(x.mean(0) - MEAN), 5 * se)
+        np.testing.assert_array_less(np.abs(np.cov(x.T) - COV), 5 * se_cov)
+    np.testing.assert_array_less(np.abs(outs[0].mean(0) - outs[1].mean(0)), 7 * se)
+    np.testing.assert_array_less(np.abs(np.cov(outs[0].T) - np.cov(outs[1].T)), 7 * se_cov)
+    # closed form: the distance of the chain's law to the data shrinks like 1/N
+    errs = []
+    for N in (10, 100, 1000):
+        p = jaxdiff.DiscreteVP.linear(n=N, beta_start=0.1 / N, beta_end=5.0 / N)
+        ab = np_abar(p)[::-1]  # start from the exact marginal q(x_T)
+        start = np.sqrt(ab[0]) * MEAN, ab[0] * COV + (1 - ab[0]) * np.eye(2)
+        mu, cov = np_chain_law(ab, "large", *start)
+        errs.append(np.abs(cov - COV).max() + np.abs(mu - MEAN).max())
+    assert errs[0] > 7 * errs[1] and errs[1] > 7 * errs[2], errs  # measured ratios ~10
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic-DPM
+# --------------------------------------------------------------------------------------------
+def test_analytic_dpm_variance_is_the_closed_form_on_a_gaussian():
+    """Sigma* = beta_tilde + c0^2 tr Cov[x0 | x_t] / d, with Cov[x0 | x_t] = C - a^2 C (a^2 C +
+    s^2 I)^-1 C for the Gaussian; Gamma estimated by Monte Carlo with the exact denoiser."""
+    ddpm = jaxdiff.DiscreteVP.linear(n=100)
+    cov = np.diag([0.05, 0.5, 2.0])
+    target = Gaussian(jnp.asarray([0.3, -1.0, 0.0]), jnp.asarray(cov))
+    steps = D.respaced_steps(100, 8)
+    n = 20_000
+    x0 = target.sample(n, key=KEY)
+    variance = D.analytic_dpm(ddpm, target.denoiser(ddpm), x0, key=jax.random.key(1), steps=steps)
+    abar = np_abar(ddpm)
+    for k in range(1, len(steps)):
+        t, s = D.step_times(ddpm, steps[k]), D.step_times(ddpm, steps[k - 1])
+        ab = abar[steps[k]]
+        beta, beta_tilde, c0, _ = ho_coefficients(ab, abar[steps[k - 1]])
+        post = cov - ab * cov @ np.linalg.inv(ab * cov + (1 - ab) * np.eye(3)) @ cov
+        exact = beta_tilde + c0**2 * np.trace(post) / 3
+        got = np.exp(variance.log_variance(ddpm, x0[:1], t, D.transition(ddpm, t, s)))
+        # Monte Carlo error of Gamma (mean of |eps_hat|^2 / d over n draws), carried to Sigma*
+        eps_var = 2 * np.sum((1 - np.diag(post) * ab / (1 - ab)) ** 2) / 9  # Var |eps_hat|^2/d
+        tol = 5 * c0**2 * (1 - ab) / ab * np.sqrt(eps_var / n)
+        assert abs(float(got.ravel()[0]) - exact) < tol + 1e-12, (k, got, exact, tol)
+        assert beta_tilde <= exact <= beta_tilde + c0**2 * (1 - ab) / ab
