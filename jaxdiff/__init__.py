@@ -15,6 +15,7 @@ import importlib
 
 from jaxdiff import (
     analytic,
+    discrete,
     editing,
     fitted_grids,
     geometry,
@@ -38,6 +39,7 @@ _LAZY = ("nets", "training", "data", "checkpoint", "inception")
 
 __all__ = [
     "analytic",
+    "discrete",
     "editing",
     "fitted_grids",
     "geometry",
