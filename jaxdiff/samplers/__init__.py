@@ -1,5 +1,7 @@
 """Samplers: immutable pytrees (``eqx.Module``) built by lowercase factories, run by ``jaxdiff.sample``."""
 
+from jaxdiff.samplers.adaptive import DPMSolverAdaptive, adaptive_grid, dpm_solver_adaptive
+from jaxdiff.samplers.ancestral import Ancestral, ancestral
 from jaxdiff.samplers.base import (
     EmptyState,
     OneCallSampler,
@@ -10,15 +12,19 @@ from jaxdiff.samplers.base import (
 )
 from jaxdiff.samplers.ddim import DDIM, ddim, ddim_step
 from jaxdiff.samplers.ddpm import DDPM, ddpm, ddpm_step
+from jaxdiff.samplers.deis import DEIS, deis, deis_step
 from jaxdiff.samplers.discrete import DiscreteDDPM, discrete_ddpm
 from jaxdiff.samplers.dpm_solver import (
     DPMSolver,
     DPMSolverPP,
     DPMSolverPPSDE,
+    DPMSolverPPSinglestep,
     dpm_solver,
     dpm_solver_pp,
     dpm_solver_pp_sde,
     dpm_solver_pp_sde_step,
+    dpm_solver_pp_singlestep,
+    dpm_solver_pp_singlestep_step,
     dpm_solver_pp_step,
     dpm_solver_step,
 )
@@ -33,6 +39,8 @@ from jaxdiff.samplers.euler import (
     noise_level,
 )
 from jaxdiff.samplers.ipndm import IPNDM, ipndm, ipndm_step
+from jaxdiff.samplers.langevin import AnnealedLangevin, annealed_langevin
+from jaxdiff.samplers.lms import LMS, lms
 from jaxdiff.samplers.stochastic import (
     EulerMaruyama,
     PredictorCorrector,
@@ -62,3 +70,7 @@ __all__ += ["unipc", "unipc_update"]
 __all__ += ["DDIM", "DDPM", "Euler", "Heun", "DPMSolver", "DPMSolverPP", "DPMSolverPPSDE"]
 __all__ += ["IPNDM", "UniPC", "EulerMaruyama", "PredictorCorrector"]
 __all__ += ["discrete_ddpm", "DiscreteDDPM"]
+__all__ += ["lms", "ancestral", "dpm_solver_pp_singlestep", "dpm_solver_pp_singlestep_step"]
+__all__ += ["deis", "deis_step", "dpm_solver_adaptive", "adaptive_grid", "annealed_langevin"]
+__all__ += ["LMS", "Ancestral", "DPMSolverPPSinglestep", "DEIS", "DPMSolverAdaptive"]
+__all__ += ["AnnealedLangevin"]

@@ -124,7 +124,9 @@ class DEIS(Sampler):
         x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
         q = step_order(self.order, i, ts)
         x_s, eps = deis_step(self.process, x, x0, t, s, state.eps_prev, state.t_prev, q)
-        return x_s, DEISState(push(state.eps_prev, eps), push(state.t_prev, t)), x0, nfe
+        if self.order > 1:  # order 1 keeps no history
+            state = DEISState(push(state.eps_prev, eps), push(state.t_prev, t))
+        return x_s, state, x0, nfe
 
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)

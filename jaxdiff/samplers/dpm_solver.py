@@ -504,7 +504,9 @@ def dpm_solver_pp_sde(
     order = check_order("dpm_solver_pp_sde", order, (2, 3))
     if is_concrete(eta) and not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}; 0 gives dpm_solver_pp.")
-    return DPMSolverPPSDE(process, lower_order_final, order, float(eta) if is_concrete(eta) else eta)
+    return DPMSolverPPSDE(
+        process, lower_order_final, order, float(eta) if is_concrete(eta) else eta
+    )
 
 
 # --- singlestep DPM-Solver++ (data prediction) -----------------------------------------------

@@ -65,8 +65,10 @@ class LMS(Sampler):
         x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
         q = step_order(self.order, i, ts)
         x_s, eps = ipndm_step(self.process, x, x0, t, s, state.eps_prev, state.sig_prev, q, True)
-        sig_t = self.process.noise_level(t)
-        return x_s, LMSState(push(state.eps_prev, eps), push(state.sig_prev, sig_t)), x0, nfe
+        if self.order > 1:  # order 1 keeps no history
+            sig_t = self.process.noise_level(t)
+            state = LMSState(push(state.eps_prev, eps), push(state.sig_prev, sig_t))
+        return x_s, state, x0, nfe
 
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)
