@@ -466,9 +466,11 @@ def section(rows, rebuilt, quick, elapsed):
             "",
             table(rows, d),
             "",
-            "A sampler built anew for every call of `jaxdiff.sample` (calls timed in turn with a "
-            "bare scan of the same NFE, after one first call): no compilation, and the eager "
-            "dispatch of `jaxdiff.sample` included:",
+            "A sampler built anew for every call (minimum times, in turn with a bare scan of the "
+            "same NFE, after one first call each): passed to one `jax.jit`-ed function "
+            "(*jit*; *vs loop* = jit / bare scan) and to `jaxdiff.sample` itself (its eager "
+            "dispatch and grid checks included); *compilations*: XLA compilations counted with "
+            "`jax.monitoring` over all those later calls.",
             "",
             rebuilt_table(rebuilt, d),
             "",
