@@ -3,12 +3,12 @@
 Two flows: process -> loss -> train step -> checkpoint, and
 network -> denoiser -> sampler (scan) or SDE/ODE (diffrax) -> samples.
 
-The core (processes, parameterization, losses, analytic, schedules, fitted_grids, samplers, sde,
-guidance, likelihood, editing, geometry, metrics) needs only jax, diffrax and numpy and is
-imported here.
-The training side (``nets``, ``training``, ``data``, ``checkpoint``: Flax, optax, orbax, grain)
-and the FID network (``inception``) are imported on first access, so ``import jaxdiff`` stays
-light for users with their own models.
+The core (processes, parameterization, losses, analytic, discrete, schedules, fitted_grids,
+samplers, sde, guidance, likelihood, editing, geometry, metrics) needs only jax, diffrax and numpy
+and is imported here. The training side (``nets``, ``training``, ``data``, ``checkpoint``: Flax,
+optax, orbax, grain), the FID network (``inception``) and the diffusers loaders (``pretrained``:
+Flax, safetensors) are imported on first access, so ``import jaxdiff`` stays light for users with
+their own models.
 """
 
 import importlib
@@ -35,7 +35,7 @@ from jaxdiff.samplers import Sampler, SampleResult, sample
 
 __version__ = "0.1.0"
 
-_LAZY = ("nets", "training", "data", "checkpoint", "inception")
+_LAZY = ("nets", "training", "data", "checkpoint", "inception", "pretrained")
 
 __all__ = [
     "analytic",
