@@ -138,6 +138,9 @@ class UNet(nnx.Module):
         num_classes: enables class conditioning (null class index ``num_classes``).
         embedding, time_scale: the noise-level embedding (see ``TimeEmbedding``).
         num_heads: attention heads.
+        out_channels: output channels (default ``in_channels``); ``2 * in_channels`` for a
+            learned variance (Improved DDPM): the mean's prediction, then :math:`v`, on the
+            channel axis (see ``jaxdiff.discrete.learned_variance_model``).
         dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
     """
 
@@ -155,6 +158,7 @@ class UNet(nnx.Module):
         embedding: str = "sinusoidal",
         time_scale: float | None = None,
         num_heads: int = 1,
+        out_channels: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -200,7 +204,7 @@ class UNet(nnx.Module):
         self.up = nnx.List(up)
         self.upsample = nnx.List([_conv(w, w, dtype, rngs) for w in widths[:0:-1]])
         self.norm_out = _norm(c, dtype, rngs)
-        self.conv_out = _conv(c, in_channels, dtype, rngs)
+        self.conv_out = _conv(c, out_channels or in_channels, dtype, rngs)
 
     def _check(self, x, y):
         expected = (self.image_size, self.image_size, self.in_channels)
