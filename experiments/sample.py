@@ -51,12 +51,10 @@ class SampleConfig:
     """Run folder of experiments.train (or --workdir)."""
     workdir: str | None = None
     """Run folder (same as RUN_DIR)."""
-    sampler: str = "ddim"
-    """One of experiments.common.SAMPLERS."""
+    sampler: Annotated[str, tyro.conf.arg(help=f"one of {', '.join(common.SAMPLERS)}")] = "ddim"
     nfe: int = 50
     """Network evaluations (the nearest the sampler can do)."""
-    grid: str = "karras"
-    """karras, uniform, log_snr_uniform or quadratic."""
+    grid: Annotated[str, tyro.conf.arg(help=f"one of {', '.join(common.GRIDS)}")] = "karras"
     seed: int = 0
     num: int = 64
     """Number of samples."""
