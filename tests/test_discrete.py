@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 import jaxdiff
 from jaxdiff import discrete as D
@@ -273,3 +274,186 @@ def test_analytic_dpm_variance_is_the_closed_form_on_a_gaussian():
         tol = 5 * c0**2 * (1 - ab) / ab * np.sqrt(eps_var / n)
         assert abs(float(got.ravel()[0]) - exact) < tol + 1e-12, (k, got, exact, tol)
         assert beta_tilde <= exact <= beta_tilde + c0**2 * (1 - ab) / ab
+
+
+# --------------------------------------------------------------------------------------------
+# The variational bound
+# --------------------------------------------------------------------------------------------
+def test_normal_kl_is_the_closed_form_and_the_monte_carlo_mean():
+    m1, l1, m2, l2 = 0.3, np.log(0.5), -0.4, np.log(2.0)
+    closed = 0.5 * (l2 - l1 + np.exp(l1 - l2) + (m1 - m2) ** 2 / np.exp(l2) - 1)
+    np.testing.assert_allclose(D.normal_kl(m1, l1, m2, l2), closed, rtol=1e-14)
+    assert float(D.normal_kl(m1, l1, m1, l1)) == 0.0
+    z = np.asarray(jax.random.normal(KEY, (400_000,)))
+    x = m1 + np.exp(0.5 * l1) * z
+    logq = -0.5 * (l1 + (x - m1) ** 2 / np.exp(l1))
+    logp = -0.5 * (l2 + (x - m2) ** 2 / np.exp(l2))
+    diff = logq - logp
+    assert abs(diff.mean() - closed) < 4 * diff.std() / np.sqrt(len(z))
+
+
+def test_discretized_decoder_is_a_distribution_over_the_bins():
+    bins = np.linspace(-1.0, 1.0, 256)
+    dec = D.DiscretizedGaussianDecoder()
+    for mean, std in [(0.0, 0.3), (0.9, 0.05), (-1.3, 0.01), (5.0, 0.1), (0.2, 1e-4)]:
+        nll = dec.nll(jnp.asarray(bins), mean, 2 * np.log(std))
+        assert bool(jnp.all(jnp.isfinite(nll))), (mean, std)
+        np.testing.assert_allclose(np.sum(np.exp(-np.asarray(nll))), 1.0, rtol=1e-9)
+    # a wide Gaussian: the bin's mass is the density times the bin width (2/255)
+    x = bins[20:236]
+    nll = np.asarray(dec.nll(jnp.asarray(x), 0.1, 2 * np.log(0.4)))
+    density = -0.5 * np.log(2 * np.pi * 0.16) - (x - 0.1) ** 2 / 0.32
+    np.testing.assert_allclose(-nll, density + np.log(2 / 255), atol=2e-4)
+    # far in a tail the mass is still resolved (the bin on the far side of the mean)
+    x = -bins[128]
+    far = float(dec.nll(jnp.asarray(x), 0.9, 2 * np.log(0.01)))
+    u, lo = (x + 1 / 255 - 0.9) / 0.01, (x - 1 / 255 - 0.9) / 0.01  # about -90 and -91
+    log_u, log_lo = scipy.special.log_ndtr(u), scipy.special.log_ndtr(lo)
+    np.testing.assert_allclose(far, -(log_u + np.log1p(-np.exp(log_lo - log_u))), rtol=1e-12)
+
+
+def posterior_cov(ab, cov):
+    """Cov[x0 | x_t] for x0 ~ N(m, cov) and x_t = sqrt(ab) x0 + sqrt(1 - ab) eps."""
+    d = len(cov)
+    return cov - ab * cov @ np.linalg.inv(ab * cov + (1 - ab) * np.eye(d)) @ cov
+
+
+def np_expected_terms(process, variance, m=MEAN, c=COV):
+    """E[L_n] over x0 ~ N(m, c) and x_n ~ q(x_n | x0) for the exact denoiser, in closed form:
+    0.5 sum_i [log(S/bt) + bt/S - 1 + c0^2 P_ii/S] (n >= 1), the Gaussian decoder's
+    0.5 sum_i [log(2 pi S) + P_ii/S] (n = 0), and the prior's a^2 E|x0|^2 / (2 s^2)."""
+    abar = np_abar(process)
+    n_steps, d = len(abar), len(m)
+    terms = []
+    for n in range(n_steps):
+        P = np.diag(posterior_cov(abar[n], c))
+        prev = abar[n - 1] if n else 1.0
+        beta, beta_tilde, c0, _ = ho_coefficients(abar[n], prev)
+        clipped = ho_coefficients(abar[1], abar[0])[1]
+        S = {"large": beta, "small": beta_tilde if n else clipped}[variance]
+        if n == 0:
+            terms.append(0.5 * np.sum(np.log(2 * np.pi * S) + P / S))
+        else:
+            terms.append(0.5 * np.sum(np.log(S / beta_tilde) + beta_tilde / S - 1 + c0**2 * P / S))
+    a2, s2 = abar[-1], 1 - abar[-1]
+    terms.append(a2 * (m @ m + np.trace(c)) / (2 * s2))
+    return np.array(terms), d
+
+
+@pytest.mark.parametrize("variance", ["large", "small"])
+def test_bound_terms_are_their_closed_forms_and_exceed_the_exact_nll(variance):
+    ddpm = SMALL
+    var = {"large": D.FixedLarge(), "small": D.FixedSmall()}[variance]
+    n = 4000
+    x0 = TARGET.sample(n, key=KEY)
+    terms = np.asarray(D.vlb_terms(ddpm, TARGET.denoiser(ddpm), var, x0, key=jax.random.key(1)))
+    expected, d = np_expected_terms(ddpm, variance)
+    assert terms.shape == (n, 51) and np.all(terms[:, 1:] >= -1e-12)  # KLs are >= 0
+    se = terms.std(0) / np.sqrt(n)
+    np.testing.assert_array_less(np.abs(terms.mean(0) - expected), 5 * se + 1e-12)
+    bpd = D.bits_per_dim(ddpm, TARGET.denoiser(ddpm), var, x0, key=jax.random.key(1))
+    np.testing.assert_allclose(bpd, terms.sum(1) / (d * np.log(2)), rtol=1e-12)
+    # the model's exact law: the chain from the prior, then the decoder's Gaussian
+    abar = np_abar(ddpm)
+    mu, cov = np_chain_law(abar[::-1], variance, np.zeros(2), (1 - abar[-1]) * np.eye(2))
+    dec = {"large": ddpm.betas[0], "small": ho_coefficients(abar[1], abar[0])[1]}[variance]
+    cov = cov + float(dec) * np.eye(2)
+    inv = np.linalg.inv(cov)
+    cross_entropy = 0.5 * (np.trace(inv @ COV) + (MEAN - mu) @ inv @ (MEAN - mu)
+                           + np.log(np.linalg.det(2 * np.pi * cov)))  # fmt: skip
+    entropy = 0.5 * np.log(np.linalg.det(2 * np.pi * np.e * COV))
+    bound = expected.sum()
+    assert bound > cross_entropy > entropy, (bound, cross_entropy, entropy)
+    if variance == "large":  # measured: bound 1.797 nats over d = 2, a tight bound here
+        assert bound - cross_entropy < 0.5
+    else:  # beta_tilde is too small at the first steps: a looser bound (Nichol & Dhariwal, Fig. 2)
+        assert bound > np_expected_terms(ddpm, "large")[0].sum() + 1.0
+
+
+def test_optimal_learned_variance_is_beta_tilde_plus_the_posterior_variance():
+    """min over v of E[L_n] with the exact mean: Sigma* = beta_tilde + c0^2 Var[x0 | x_n] per
+    dimension, v* = log(Sigma*/beta_tilde) / log(beta/beta_tilde) (Improved DDPM Sec. 3.1)."""
+    ddpm = SMALL
+    cov = np.diag([0.05, 0.8])
+    target = Gaussian(jnp.zeros(2), jnp.asarray(cov))
+    n_samples, step = 20_000, 10
+    x0 = target.sample(n_samples, key=KEY)
+    t = D.step_times(ddpm, step)
+    x_t, _ = ddpm.sample_marginal(x0, t, key=jax.random.key(1))
+    x0_hat = target.denoiser(ddpm)(x_t, t)
+    tr = D.transition(ddpm, t, D.step_times(ddpm, step - 1))
+
+    def expected_term(v):
+        logvar = D.Learned(lambda x, t: jnp.broadcast_to(v, x.shape)).log_variance(ddpm, x_t, t, tr)
+        dec = D.GaussianDecoder()
+        return jnp.mean(D.vlb_term(ddpm, x0, x_t, x0_hat, logvar, step, dec))
+
+    grad, hess = jax.grad(expected_term), jax.hessian(expected_term)
+    newton = jax.jit(lambda v: v - jnp.linalg.solve(hess(v), grad(v)))
+    v = jnp.full((2,), 0.5)
+    for _ in range(20):  # the term is smooth and convex in v here
+        v = newton(v)
+    abar = np_abar(ddpm)
+    beta, beta_tilde, c0, _ = ho_coefficients(abar[step], abar[step - 1])
+    sigma_star = beta_tilde + c0**2 * np.diag(posterior_cov(abar[step], cov))
+    v_star = np.log(sigma_star / beta_tilde) / np.log(beta / beta_tilde)
+    assert np.all((0 < v_star) & (v_star < 1))
+    np.testing.assert_allclose(v, v_star, atol=0.01)
+
+
+def test_importance_steps_warm_up_then_follow_the_terms():
+    steps = D.ImportanceSteps(5, history=3, uniform=0.0)
+    np.testing.assert_allclose(steps.probs(), 0.2)
+    for _ in range(3):
+        steps = steps.update(jnp.arange(5), jnp.arange(1.0, 6.0))
+    assert steps.counts.tolist() == [3] * 5
+    np.testing.assert_allclose(steps.probs(), np.arange(1, 6) / 15, rtol=1e-12)
+    n, w = steps.sample(KEY, (200_000,))
+    freq = np.bincount(np.asarray(n), minlength=5) / 200_000
+    np.testing.assert_allclose(freq, np.arange(1, 6) / 15, atol=0.005)
+    terms = np.arange(1.0, 6.0)
+    # importance weights 1/p_n: E[w L_n] = sum_n L_n, here with zero variance (p ~ L)
+    np.testing.assert_allclose(np.asarray(w) * terms[np.asarray(n)], terms.sum(), rtol=1e-12)
+    newest = steps.update(jnp.array([2]), jnp.array([10.0]))
+    assert newest.values[2].tolist() == [3.0, 3.0, 10.0]
+    mixed = D.ImportanceSteps(5, history=3, uniform=0.5)
+    mixed = eqx_tree_at_values(mixed, steps)
+    np.testing.assert_allclose(mixed.probs(), 0.5 * np.arange(1, 6) / 15 + 0.1, rtol=1e-12)
+
+
+def eqx_tree_at_values(target, source):
+    import equinox as eqx
+
+    return eqx.tree_at(lambda s: (s.values, s.counts), target, (source.values, source.counts))
+
+
+def test_hybrid_loss_stops_the_mean_gradient_inside_the_bound():
+    ddpm = jaxdiff.DiscreteVP.cosine(n=100)
+    x0 = jnp.round(jax.random.uniform(KEY, (8, 4, 4, 1), minval=-1, maxval=1) * 127.5) / 127.5
+
+    def net(params):
+        a, b = params
+        return lambda x, t: jnp.concatenate([a * x, jnp.full_like(x, b)], axis=-1)
+
+    params = (jnp.asarray(0.7), jnp.asarray(0.3))
+    key = jax.random.key(3)
+    loss = lambda p: jnp.mean(D.hybrid_loss(net(p), ddpm, x0, key=key))
+    n, w = D.UniformSteps(100).sample(jax.random.split(key)[0], (8,))
+    assert np.all(np.asarray(w) == 100.0)
+
+    def parts(p, stop=True):
+        k = jax.random.split(key)[1]
+        return D.hybrid_terms(net(p), ddpm, x0, n, key=k, stop_mean_gradient=stop)
+
+    simple, vlb = parts(params)
+    np.testing.assert_allclose(loss(params), jnp.mean(simple + 0.001 * 100 * vlb), rtol=1e-12)
+    g = jax.jit(jax.grad(loss))(params)
+    g_simple = jax.jit(jax.grad(lambda p: jnp.mean(parts(p)[0])))(params)
+    g_vlb = jax.jit(jax.grad(lambda p: jnp.mean(parts(p)[1])))(params)
+    np.testing.assert_allclose(g[0], g_simple[0], rtol=1e-12)  # the mean: L_simple only
+    np.testing.assert_allclose(g[1], 0.1 * g_vlb[1], rtol=1e-12)  # v: lambda N L_vlb only
+    assert float(g_simple[1]) == 0.0 and float(g_vlb[0]) == 0.0
+    g_full = jax.jit(jax.grad(lambda p: jnp.mean(parts(p, stop=False)[1])))(params)
+    assert abs(float(g_full[0])) > 0  # without the stop-gradient the bound trains the mean
+    vlb_only = D.vlb_loss(net(params), ddpm, x0, key=key)
+    np.testing.assert_allclose(vlb_only, 100 * vlb, rtol=1e-12)
