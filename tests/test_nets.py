@@ -145,3 +145,36 @@ def test_classifier_log_prob_is_normalised():
     np.testing.assert_allclose(all_lp, jax.nn.log_softmax(clf(x, 0.5)), atol=1e-6)
     g = jax.grad(lambda x: clf.log_prob(x, 0.5, jnp.zeros(3, int)).sum())(x)
     assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_group_norm_equals_flax_group_norm():
+    # one-pass GroupNorm: the numbers, gradients, parameters and key draws of nnx.GroupNorm
+    x = 3.0 * _randn((4, 8, 8, 64), 1) + 1.0
+    ours = nets.GroupNorm(64, num_groups=32, rngs=nnx.Rngs(0))
+    ref = nnx.GroupNorm(64, num_groups=32, rngs=nnx.Rngs(0))
+    for m in (ours, ref):
+        m.scale[...] = jnp.linspace(0.5, 2.0, 64, dtype=F32)
+        m.bias[...] = jnp.linspace(-1.0, 1.0, 64, dtype=F32)
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=2e-6)
+    grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m(x))))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-4, atol=1e-5)
+    shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param))  # noqa: E731
+    assert shapes(ours) == shapes(ref)
+    r1, r2 = nnx.Rngs(3), nnx.Rngs(3)
+    nets.GroupNorm(8, num_groups=4, rngs=r1), nnx.GroupNorm(8, num_groups=4, rngs=r2)
+    assert jnp.array_equal(jax.random.key_data(r1.params()), jax.random.key_data(r2.params()))
+
+
+def test_unet_upsampling_and_attention_formulas():
+    from jaxdiff.nets import unet as U
+
+    x = _randn((2, 4, 4, 8), 2)
+    np.testing.assert_array_equal(
+        U._upsample(x), jax.image.resize(x, (2, 8, 8, 8), method="nearest")
+    )
+    block = _numpy_init(lambda: nets.AttentionBlock(8, num_heads=2, rngs=nnx.Rngs(0)))
+    qkv = block.qkv(block.norm(x)).reshape(2, 16, 3, 2, 4)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
+    a = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(2, 4, 4, 8)
+    np.testing.assert_allclose(block(x), (x + block.out(a)) / np.sqrt(2), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,12 @@ guidance) and ``key`` turns dropout on. Turn a network into a denoiser with
 """
 
 from jaxdiff.nets.classifier import Classifier
-from jaxdiff.nets.embeddings import FourierFrequencies, TimeEmbedding, sinusoidal_embedding
+from jaxdiff.nets.embeddings import (
+    FourierFrequencies,
+    GroupNorm,
+    TimeEmbedding,
+    sinusoidal_embedding,
+)
 from jaxdiff.nets.mlp import MLP, LabelEmbedding
 from jaxdiff.nets.unet import AttentionBlock, ResBlock, UNet
 
@@ -22,5 +27,6 @@ __all__ = [
     "TimeEmbedding",
     "LabelEmbedding",
     "FourierFrequencies",
+    "GroupNorm",
     "sinusoidal_embedding",
 ]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.nets.embeddings import TimeEmbedding, batch_time, groups_for
+from jaxdiff.nets.embeddings import GroupNorm, TimeEmbedding, batch_time, groups_for
 from jaxdiff.nets.unet import AttentionBlock, ResBlock, _conv
 
 __all__ = ["Classifier"]
@@ -77,7 +77,7 @@ class Classifier(nnx.Module):
                 blocks.append(_conv(c, c, dtype, rngs, stride=2))
                 res //= 2
         self.blocks = nnx.List(blocks)
-        self.norm = nnx.GroupNorm(c, num_groups=groups_for(c), dtype=dtype, rngs=rngs)
+        self.norm = GroupNorm(c, num_groups=groups_for(c), dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(c, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, t, *, key=None):

@@ -31,6 +31,7 @@ __all__ = [
     "TimeEmbedding",
     "batch_time",
     "groups_for",
+    "GroupNorm",
 ]
 
 
@@ -111,3 +112,41 @@ class TimeEmbedding(nnx.Module):
 def groups_for(channels: int, max_groups: int = 32) -> int:
     """The largest number of groups ``<= max_groups`` that divides ``channels`` (for GroupNorm)."""
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+class GroupNorm(nnx.Module):
+    r"""Group normalization of NHWC (or ``(..., C)``) inputs with one pass over the data.
+
+    .. math:: y = \frac{x - \mu_g}{\sqrt{\sigma_g^2 + \epsilon}}\,\gamma + \beta,\qquad
+        \sigma_g^2 = \mathrm{E}_g[x^2] - \mu_g^2
+
+    with the statistics of each example and group of channels over all positions, in float32
+    (Wu & He 2018). The same parameters (``scale``, ``bias``) and numbers as ``nnx.GroupNorm``
+    (which also uses :math:`\mathrm{E}[x^2] - \mu^2`), written as one multiply-add per element
+    :math:`y = a x + b` with per-channel :math:`a, b`: about twice as fast forward and backward
+    on a CPU (the statistics fuse into one reduction, the normalization into one elementwise pass).
+    """
+
+    def __init__(
+        self, num_features: int, *, num_groups: int, epsilon: float = 1e-6, dtype=None,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
+        if num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}.")
+        self.num_features, self.num_groups, self.epsilon = num_features, num_groups, epsilon
+        self.dtype = dtype
+        # draw the two keys nnx.GroupNorm draws, so every later layer initialises identically
+        rngs.params(), rngs.params()
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        g, c = self.num_groups, x.shape[-1]
+        xg = x.reshape(x.shape[0], -1, g, c // g).astype(jnp.float32)
+        mean = jnp.mean(xg, axis=(1, 3))
+        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+        a = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=1) * self.scale[...]
+        b = self.bias[...] - jnp.repeat(mean, c // g, axis=1) * a
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        return (x * a.reshape(shape) + b.reshape(shape)).astype(dtype)
