@@ -1,4 +1,5 @@
-"""ODE samplers (DDIM, Heun, DPM-Solver, DPM-Solver++, iPNDM, UniPC): measured orders of
+"""ODE samplers (DDIM, Heun, DPM-Solver, DPM-Solver++ multistep and singlestep, iPNDM, UniPC,
+LMS, DEIS): measured orders of
 convergence against the probability-flow ODE solved by diffrax, identities from the papers, a NumPy
 reference loop, the SDE variant's distribution, and every process (exact Gaussian flow).
 
@@ -22,11 +23,14 @@ from jaxdiff.analytic import Gaussian, GaussianMixture
 from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
 from jaxdiff.samplers import (
     ddim,
+    deis,
     dpm_solver,
     dpm_solver_pp,
     dpm_solver_pp_sde,
+    dpm_solver_pp_singlestep,
     heun,
     ipndm,
+    lms,
     sample,
     unipc,
 )
@@ -95,6 +99,26 @@ ODE_SAMPLERS = {
         3,
         0.25,
         "measured 3.02, 3.02",
+    ),
+    # issue 14: k-diffusion's LMS with exact coefficients (= ipndm_variable), DEIS's tAB in the
+    # process's time (Gauss-Legendre weights), singlestep DPM-Solver++ (2S, 3S)
+    "lms": (lms, 1, 4, 0.4, "= ipndm_variable; measured 3.73"),
+    "deis_2": (functools.partial(deis, order=2), 1, 2, 0.2, "measured 1.95"),
+    "deis_3": (functools.partial(deis, order=3), 1, 3, 0.25, "measured 2.92"),
+    "deis_4": (functools.partial(deis, order=4), 1, 4, 0.4, "measured 3.78"),
+    "dpm_solver_pp_2s": (
+        functools.partial(dpm_solver_pp_singlestep, order=2),
+        2,
+        2,
+        0.2,
+        "measured 1.96",
+    ),
+    "dpm_solver_pp_3s": (
+        functools.partial(dpm_solver_pp_singlestep, order=3),
+        3,
+        3,
+        0.25,
+        "measured 2.97",
     ),
 }
 
@@ -255,6 +279,8 @@ SWEEP = {
     "dpm_solver_pp_3": (functools.partial(dpm_solver_pp, order=3), 2e-4),  # [7.2e-5 SubVP]
     "ipndm_variable": (functools.partial(ipndm, variable_step=True), 5e-3),  # [1.8e-3 SubVP]
     "unipc_2": (unipc, 3e-3),  # [1.1e-3 SubVP]
+    # tAB-DEIS works in each process's own time: every process's noise_level and quadrature
+    "deis_3": (functools.partial(deis, order=3), 6e-3),  # [2.3e-3 EDM]
 }
 
 
