@@ -460,18 +460,19 @@ class GaussianDecoder(Decoder):
 
 
 class DiscretizedGaussianDecoder(Decoder):
-    r"""Ho et al.'s discretized Gaussian decoder (Eq. 13) for ``bits``-bit data scaled to [-1, 1].
+    r"""Ho et al.'s discretized Gaussian decoder (Eq. 13) for data of ``levels`` values evenly
+    spaced in [-1, 1] (256 for 8-bit images; 17 for scikit-learn's digits).
 
-    The probability of the bin of width :math:`\delta = 2/(2^{bits} - 1)` around :math:`x_0`,
+    The probability of the bin of width :math:`\delta = 2/(\text{levels} - 1)` around :math:`x_0`,
     :math:`\Phi((x_0 + \delta/2 - m)/\sigma) - \Phi((x_0 - \delta/2 - m)/\sigma)`, with the edge
     bins extended to :math:`\pm\infty` (so the bins' probabilities sum to 1). Computed from
     ``log_ndtr`` on the side of the Gaussian where the bin lies (accurate in both tails).
     """
 
-    bits: int = eqx.field(static=True, default=8)
+    levels: int = eqx.field(static=True, default=256)
 
     def nll(self, x0, mean, logvar):
-        half = 1.0 / (2**self.bits - 1)
+        half = 1.0 / (self.levels - 1)
         inv = jnp.exp(-0.5 * logvar)
         upper = jnp.where(x0 > 1.0 - half, jnp.inf, (x0 + half - mean) * inv)
         lower = jnp.where(x0 < -1.0 + half, -jnp.inf, (x0 - half - mean) * inv)

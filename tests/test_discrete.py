@@ -299,6 +299,9 @@ def test_discretized_decoder_is_a_distribution_over_the_bins():
         nll = dec.nll(jnp.asarray(bins), mean, 2 * np.log(std))
         assert bool(jnp.all(jnp.isfinite(nll))), (mean, std)
         np.testing.assert_allclose(np.sum(np.exp(-np.asarray(nll))), 1.0, rtol=1e-9)
+        digits = D.DiscretizedGaussianDecoder(levels=17)  # scikit-learn's digits: 0..16
+        nll17 = digits.nll(jnp.linspace(-1.0, 1.0, 17), mean, 2 * np.log(std))
+        np.testing.assert_allclose(np.sum(np.exp(-np.asarray(nll17))), 1.0, rtol=1e-9)
     # a wide Gaussian: the bin's mass is the density times the bin width (2/255)
     x = bins[20:236]
     nll = np.asarray(dec.nll(jnp.asarray(x), 0.1, 2 * np.log(0.4)))
