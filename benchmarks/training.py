@@ -25,8 +25,20 @@ alternate, so both see the same load on a shared machine:
   aliased), and the device's ``peak_bytes_in_use`` where ``memory_stats()`` exists (GPU), else
   the process's peak resident set size (cumulative over the cases, CPU).
 
-Run ``python benchmarks/training.py [--quick] [--dtype bfloat16]``; writes the "training" section
-of ``benchmarks/RESULTS.md``.
+``--compare`` benchmarks the U-Net configured like diffusers' ``UNet2DModel`` (channels 64-128-128, two
+residual blocks per level, attention at 8x8; both have 6,469,889 parameters), batch 64 of
+16x16x1, and with ``--torch-python PATH`` (an environment with torch and diffusers, never a
+dependency of jaxdiff) times diffusers' train step of the same network (MSE on the noise, Adam,
+clipping, EMA) alternately with jaxdiff's, in a worker process that waits idle while JAX runs.
+
+``--gpu`` benchmarks CIFAR-10-size U-Nets instead (32x32x3: the cifar10 preset's 64-channel
+network and DDPM's 128-channel one, 35.7M parameters, batches 128 and 256); with
+``--dtype bfloat16`` the MFU is against the device's bf16 dense peak. ``benchmarks/gpu.sh`` runs
+it and the sampler benchmark on a GPU.
+
+Run ``python benchmarks/training.py [--quick] [--dtype bfloat16] [--compare [--torch-python PY]]
+[--gpu]``; writes the "training" section of ``benchmarks/RESULTS.md`` (``training (bfloat16)``,
+``training (GPU ...)`` for the other modes).
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from jaxdiff.nets import MLP, UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
+from _torch_worker import Worker  # noqa: E402
 
 PROCESS = jaxdiff.VP()
 # bfloat16 dense peak TFLOP/s of accelerators this project may run on (vendor data sheets)
@@ -61,6 +74,9 @@ class Case:
     shape: tuple[int, ...]
     batch: int
     mults: tuple[int, ...] = ()
+    channels: int = 16
+    blocks: int = 1
+    attn: tuple[int, ...] = (8,)
 
 
 CASES = [
@@ -70,6 +86,14 @@ CASES = [
     Case("UNet 32x32", (32, 32, 3), 64, (1, 2, 2)),
     Case("UNet 32x32", (32, 32, 3), 128, (1, 2, 2)),
 ]
+# diffusers' UNet2DModel(block_out_channels=(64, 128, 128), layers_per_block=2, attention in the
+# middle level): 6,469,889 parameters in both libraries
+DIFFUSERS_CASE = Case("UNet 64-128-128", (16, 16, 1), 64, (1, 2, 2), 64, 2)
+GPU_CASES = [
+    Case("UNet cifar10 preset", (32, 32, 3), 128, (1, 2, 2, 2), 64, 2, (16,)),
+    Case("UNet DDPM CIFAR-10", (32, 32, 3), 128, (1, 2, 2, 2), 128, 2, (16,)),
+    Case("UNet DDPM CIFAR-10", (32, 32, 3), 256, (1, 2, 2, 2), 128, 2, (16,)),
+]
 
 
 def make_model(case: Case, dtype):
@@ -77,19 +101,22 @@ def make_model(case: Case, dtype):
     if len(case.shape) == 1:
         return MLP(case.shape[0], hidden=128, depth=3, dtype=dtype, rngs=rngs)
     return UNet(
-        case.shape[2], image_size=case.shape[0], channels=16, channel_mults=case.mults,
-        num_res_blocks=1, attn_resolutions=(8,), dtype=dtype, rngs=rngs,
+        case.shape[2], image_size=case.shape[0], channels=case.channels, channel_mults=case.mults,
+        num_res_blocks=case.blocks, attn_resolutions=case.attn, dtype=dtype, rngs=rngs,
     )  # fmt: skip
 
 
 def timed(fns, reps: int, k: int) -> list[float]:
-    """Best seconds per call of each ``fn()`` (each runs ``k`` calls and blocks), alternating."""
+    """Best seconds per call of each ``fn()`` (each runs ``k`` calls and blocks), alternating.
+
+    A ``fn`` that returns a number reports its own seconds per call (a worker process).
+    """
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, times, strict=True):
             t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) / k)
+            own = fn()
+            ts.append(own if own is not None else (time.perf_counter() - t0) / k)
     return [min(ts) for ts in times]
 
 
@@ -126,7 +153,7 @@ def peak_tflops(arg: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
-def bench(case: Case, dtype, reps: int, budget_s: float, mesh) -> dict:
+def bench(case: Case, dtype, reps: int, budget_s: float, mesh, worker=None) -> dict:
     model = make_model(case, dtype)
     opt = training.make_optimizer(1e-4, warmup=10, clip=1.0)
     state, graphdef, rest = training.init_train_state(model, opt, key=jax.random.key(0), mesh=mesh)
@@ -173,7 +200,8 @@ def bench(case: Case, dtype, reps: int, budget_s: float, mesh) -> dict:
     run_steps()  # warm-up, and the number of calls that fill the time budget of one repeat
     k = int(np.clip(budget_s / (time.perf_counter() - t0), 2, 100))
     run_net()  # the network's compilation
-    step_s, net_s = timed([run_steps, run_net], reps, k)
+    fns = [run_steps, run_net] + ([lambda: worker.time(k=k)] if worker else [])
+    step_s, net_s, *torch_s = timed(fns, reps, k)
     flops = xla_flops(compiled)
     mem, mem_kind = peak_memory_mb()
     n_params = sum(a.size for a in jax.tree.leaves(state.params))
@@ -182,6 +210,7 @@ def bench(case: Case, dtype, reps: int, budget_s: float, mesh) -> dict:
         overhead=step_s / net_s, steps_s=1 / step_s, examples_s=case.batch / step_s,
         gflop=flops / 1e9, tflops=flops / step_s / 1e12, xla_mb=xla_memory_mb(compiled),
         peak_mb=mem, peak_kind=mem_kind, compile_s=compile_s,
+        torch_ms=1e3 * torch_s[0] if torch_s else None,
     )  # fmt: skip
 
 
@@ -206,6 +235,23 @@ def markdown(rows, dtype_name: str, peak: float | None, quick: bool) -> str:
             f"{r['examples_s']:,.0f} | {r['gflop']:.2f} | {r['tflops']:.3f} | {mfu} | "
             f"{r['xla_mb']:.1f} | {r['peak_mb']:.0f} | {r['compile_s']:.1f} |"
         )
+    compared = [r for r in rows if r["torch_ms"] is not None]
+    if compared:
+        info = compared[0]["torch_info"]
+        lines += [
+            "",
+            f"The same network in diffusers {info['diffusers']} (torch {info['torch']}, "
+            f"{info['threads']} threads, {info['params']:,} parameters), its train step timed "
+            "alternately with jaxdiff's:",
+            "",
+            "| network | batch | jaxdiff step (ms) | diffusers step (ms) | jaxdiff / diffusers |",
+            "|---|---|---|---|---|",
+        ]
+        for r in compared:
+            lines.append(
+                f"| {r['case'].name} | {r['case'].batch} | {r['step_ms']:.0f} | "
+                f"{r['torch_ms']:.0f} | {r['step_ms'] / r['torch_ms']:.2f} |"
+            )
     kind = rows[0]["peak_kind"] if rows else ""
     lines += [
         "",
@@ -222,23 +268,38 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats (a few minutes on CPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU")
+    p.add_argument("--compare", action="store_true", help="only the diffusers-sized U-Net")
+    p.add_argument("--torch-python", default=None, help="python with torch + diffusers")
+    p.add_argument("--gpu", action="store_true", help="CIFAR-10-size U-Nets only")
     args = p.parse_args(argv)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     reps, budget_s = (3, 0.2) if args.quick else (7, 1.0)
     mesh = training.make_mesh()
     peak = peak_tflops(args.peak_tflops) if jax.default_backend() != "cpu" else args.peak_tflops
+    cases = GPU_CASES if args.gpu else [DIFFUSERS_CASE] if args.compare else CASES
     rows = []
-    for case in CASES:
-        rows.append(bench(case, dtype, reps, budget_s, mesh))
-        r = rows[-1]
+    for case in cases:
+        worker = None
+        if case == DIFFUSERS_CASE and args.torch_python:
+            worker = Worker(args.torch_python, "diffusers", str(case.batch))
+        try:
+            r = bench(case, dtype, reps, budget_s, mesh, worker)
+        finally:
+            if worker:
+                worker.close()
+        r["torch_info"] = worker.info if worker else None
+        rows.append(r)
         print(
             f"{case.name} batch {case.batch}: step {r['step_ms']:.2f} ms, fwd+bwd "
-            f"{r['net_ms']:.2f} ms, overhead {r['overhead']:.2f}",
+            f"{r['net_ms']:.2f} ms, overhead {r['overhead']:.2f}"
+            + (f", diffusers {r['torch_ms']:.2f} ms" if r["torch_ms"] else ""),
             flush=True,
         )
     md = markdown(rows, args.dtype, peak, args.quick)
     print(md)
     name = "training" if args.dtype == "float32" else f"training ({args.dtype})"
+    if args.gpu or args.compare:
+        name = f"training ({'GPU' if args.gpu else 'vs diffusers'}, {args.dtype})"
     print(f"wrote section {name!r} of {write_section(name, md)}")
     return rows
 
