@@ -640,10 +640,14 @@ def denoise_or_afs(afs: bool, process: Process, denoise, x, t, i):
     r"""``(x0_hat, nfe)`` at ``(x, t)``: the denoiser's output, or with ``afs`` at step ``i = 0``
     :func:`afs_x0` (no denoiser call, ``nfe`` 0).
 
-    AFS saves one evaluation of a multistep sampler's budget. It helps where the grid starts at a
-    large noise level (:math:`\tilde\sigma(t_0) \gg` the data's scale, e.g. EDM's 80, VP's 150)
-    and the budget is small (NFE 3-10), the regime of Zhou et al. (2024); at higher NFE, or from a
-    low noise level (SDEdit-like starts), its approximation error costs more than it saves.
+    AFS saves one evaluation of a multistep sampler's budget, spent on one more grid step. It
+    helps where the grid starts at a large noise level (:math:`\tilde\sigma(t_0) \gg` the data's
+    scale, e.g. EDM's 80, VP's 150) and the budget is small, the regime of Zhou et al. (2024);
+    from a low noise level (SDEdit-like starts) its approximation is poor. Measured on a 16-d,
+    8-component mixture (EDM, Karras grids, RMS against the exact ODE endpoint, equal NFE): AFS
+    lowered the error of ``dpm_solver_pp(2)``, ``ipndm``, ``unipc``, ``deis`` and ``lms`` at NFE
+    4, 6, 8 and 10 (iPNDM at NFE 10: 0.65 -> 0.52; DPM-Solver++(2M): 0.97 -> 0.80), but not at
+    NFE 5, where the shifted Karras grid happened to suit the plain samplers better.
     """
     if not afs:
         return denoise(x, t), 1
