@@ -71,6 +71,15 @@ SAMPLERS: dict[str, Callable[[jaxdiff.Process], samplers.Sampler]] = {
     "unipc": samplers.unipc,
     "dpm_solver_3": functools.partial(samplers.dpm_solver, order=3),
     "dpm_solver_pp_2": functools.partial(samplers.dpm_solver_pp, order=2),
+    # issue 14 (fixed grids; dpm_solver_adaptive and annealed_langevin need grids of their own)
+    "lms": samplers.lms,
+    "deis": samplers.deis,
+    "dpm_solver_pp_2s": functools.partial(samplers.dpm_solver_pp_singlestep, order=2),
+    "dpm_solver_pp_3s": functools.partial(samplers.dpm_solver_pp_singlestep, order=3),
+    "dpm_solver_pp_3m_sde": functools.partial(samplers.dpm_solver_pp_sde, order=3),
+    "euler_ancestral": lambda p: samplers.ancestral(samplers.euler(p)),
+    "dpm_2_ancestral": lambda p: samplers.ancestral(samplers.dpm_solver(p, order=2)),
+    "dpm_pp_2s_ancestral": lambda p: samplers.ancestral(samplers.dpm_solver_pp_singlestep(p, 2)),
 }
 
 #: Named hand-made grids: ``name -> schedule(process, n)``.
