@@ -454,6 +454,11 @@ def f32_setup():
 
 def test_a_sampler_is_a_jit_argument(f32_setup):
     x_T, denoise, ts = f32_setup
+    # Deterministic samplers need no key, even with eta / churn traced by the outer jit.
+    plain = jax.jit(lambda s, x: jaxdiff.sample(s, denoise, x, ts).x)
+    for sampler in (S.ddim(EDM_), S.heun(EDM_), S.dpm_solver_pp(EDM_, 2), S.unipc(EDM_)):
+        eager = jaxdiff.sample(sampler, denoise, x_T, ts).x
+        np.testing.assert_allclose(plain(sampler, x_T), eager, rtol=1e-5, atol=1e-5)
     run = jax.jit(lambda s, x: jaxdiff.sample(s, denoise, x, ts, key=KEY).x)
     for name in ("ddim", "heun_churn", "dpm_solver_pp_3", "pc"):
         sampler = FACTORIES[name](EDM_)
@@ -556,3 +561,15 @@ def test_one_nan_row_leaves_the_other_rows_finite(name):
     res = jaxdiff.sample(FACTORIES[name](VP_), MIX.denoiser(VP_), x_T, NP_TS, key=KEY)
     finite = np.isfinite(np.asarray(res.x)).all(axis=1)
     assert finite.tolist() == [True, True, False, True, True]
+
+
+def test_ddim_is_differentiable_in_its_grid_at_eta_zero(f32_setup):
+    # The stochastic term's coefficient is eta * sigma_s * sqrt(r), never sqrt(0): finite gradients.
+    x_T, denoise, ts = f32_setup
+
+    def total(ts, sampler):
+        return jnp.sum(jaxdiff.sample(sampler, denoise, x_T, ts, key=KEY).x)
+
+    for sampler in (S.ddim(EDM_), S.ddim(EDM_, eta=0.5)):
+        g = np.asarray(jax.grad(total)(ts, sampler))
+        assert np.all(np.isfinite(g)) and np.any(g != 0), g

@@ -129,7 +129,7 @@ def ancestral(sampler: Sampler, eta: float = 1.0, *, s_noise: float = 1.0) -> An
             f"ancestral wraps a deterministic sampler; {sampler.name} already draws noise."
         )
     probe = jax.ShapeDtypeStruct((1, 1), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32)
-    if jax.tree_util.tree_leaves(jax.eval_shape(sampler.init, *probe)):
+    if any(leaf.size for leaf in jax.tree_util.tree_leaves(jax.eval_shape(sampler.init, *probe))):
         raise ValueError(
             f"ancestral wraps a single-step sampler (no history); {sampler.name} is multistep: "
             "its history would mix the noised and the noise-free trajectories. Use "

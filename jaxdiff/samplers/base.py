@@ -103,6 +103,16 @@ class Sampler(eqx.Module):
         return False
 
     @property
+    def needs_key(self) -> bool:
+        """Whether :func:`sample` insists on a ``key``: the sampler is known to draw noise.
+
+        Equal to ``stochastic`` except where the noise scale is a hyperparameter (``ddim``'s
+        ``eta``, ``heun``'s ``churn``) traced by an outer ``jax.jit``: then whether noise is
+        drawn is unknown at trace time, and a missing key means ``jax.random.key(0)``.
+        """
+        return self.stochastic
+
+    @property
     def name(self) -> str:
         """A short readable name for messages and tables."""
         return type(self).__name__.lower()
@@ -286,7 +296,7 @@ def sample(
     ts = jnp.asarray(ts)
     check_grid(ts, sampler.process)
     if key is None:
-        if sampler.stochastic:
+        if sampler.needs_key:
             raise ValueError(f"{sampler.name} is stochastic: pass key=jax.random.key(seed).")
         key = jax.random.key(0)
     return run(sampler, denoise, x_T, ts, key=key, save_trajectory=save_trajectory)

@@ -33,8 +33,11 @@ def ddim_step(process: Process, x, x0_hat, t, s, eta=0.0, noise=None):
     eps_hat = process.eps_from_x0(x, x0_hat, t)
     if noise is None:
         return a_s * x0_hat + sig_s * eps_hat
-    c2 = eta**2 * sig_s**2 * bcast(-jnp.expm1(process.log_snr(t) - process.log_snr(s)), x)
-    return a_s * x0_hat + jnp.sqrt(sig_s**2 - c2) * eps_hat + jnp.sqrt(c2) * noise
+    # c = eta sigma_s sqrt(r), r = 1 - e^{lambda_t - lambda_s} > 0: no square root of 0 at eta = 0,
+    # so the step stays differentiable there (schedules.optimize differentiates through it).
+    r = bcast(-jnp.expm1(process.log_snr(t) - process.log_snr(s)), x)
+    keep = jnp.sqrt(1.0 - eta**2 * r)  # sqrt(sigma_s^2 - c^2) / sigma_s
+    return a_s * x0_hat + sig_s * keep * eps_hat + eta * sig_s * jnp.sqrt(r) * noise
 
 
 class DDIM(OneCallSampler):
@@ -52,6 +55,10 @@ class DDIM(OneCallSampler):
     @property
     def stochastic(self) -> bool:
         return not is_zero(self.eta)
+
+    @property
+    def needs_key(self) -> bool:
+        return is_concrete(self.eta) and not is_zero(self.eta)
 
     @property
     def name(self) -> str:

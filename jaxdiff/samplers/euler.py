@@ -153,6 +153,10 @@ class Heun(Sampler):
         return not is_zero(self.churn)
 
     @property
+    def needs_key(self) -> bool:
+        return is_concrete(self.churn) and not is_zero(self.churn)
+
+    @property
     def name(self) -> str:
         return f"heun(churn={self.churn})" if self.stochastic else "heun"
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, normal_like
+from jaxdiff.samplers.base import EmptyState, Sampler, grid_dtype, normal_like
 
 __all__ = ["AnnealedLangevin", "annealed_langevin", "DEFAULT_EPS_FRACTION"]
 
@@ -85,17 +85,21 @@ class AnnealedLangevin(Sampler):
         eps = self._eps(sig_last2)
         pull = bcast(eps / (2.0 * sig_last2), x)  # (a_i / 2) / sigma_i^2
         noise_scale = bcast(p.alpha(s) * jnp.sqrt(eps * sig2 / sig_last2), x)
-        x = (bcast(p.alpha(s) / p.alpha(t), x) * x).astype(x.dtype)  # same x~, next level
+        # the chain runs in at least float32 (many small moves would round away in bf16/f16);
+        # the denoiser sees x in its own dtype
+        dtype, wide = x.dtype, grid_dtype(x)
+        x = (bcast(p.alpha(s) / p.alpha(t), x) * x).astype(wide)  # same x~, next level
 
         def langevin(j, x, x0):
             z = normal_like(jax.random.fold_in(key, j), x)
-            return (x + pull * (bcast(p.alpha(s), x) * x0 - x) + noise_scale * z).astype(x.dtype)
+            return (x + pull * (bcast(p.alpha(s), x) * x0 - x) + noise_scale * z).astype(wide)
 
-        x0_first = denoise(x, s)
-        x = langevin(0, x, x0_first)
-        x = jax.lax.fori_loop(
-            1, self.steps_per_level, lambda j, x: langevin(j, x, denoise(x, s)), x
-        )
+        def denoised(x):
+            return denoise(x.astype(dtype), s).astype(wide)
+
+        x0_first = denoise(x.astype(dtype), s)
+        x = langevin(0, x, x0_first.astype(wide))
+        x = jax.lax.fori_loop(1, self.steps_per_level, lambda j, x: langevin(j, x, denoised(x)), x)
         return x, state, x0_first, self.steps_per_level
 
     @property
