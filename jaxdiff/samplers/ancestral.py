@@ -100,6 +100,10 @@ class Ancestral(Sampler):
         return not is_zero(self.eta)
 
     @property
+    def needs_key(self) -> bool:
+        return is_concrete(self.eta) and not is_zero(self.eta)
+
+    @property
     def name(self) -> str:
         return f"ancestral({self.sampler.name}, eta={self.eta})"
 

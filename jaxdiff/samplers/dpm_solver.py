@@ -478,6 +478,10 @@ class DPMSolverPPSDE(Sampler):
         return not is_zero(self.eta)
 
     @property
+    def needs_key(self) -> bool:
+        return is_concrete(self.eta) and not is_zero(self.eta)
+
+    @property
     def name(self) -> str:
         if self.order == 2 and is_concrete(self.eta) and self.eta == 1.0:
             return "dpm_solver_pp_sde"
