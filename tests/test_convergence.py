@@ -1,7 +1,7 @@
 """ODE samplers (DDIM, Heun, DPM-Solver, DPM-Solver++ multistep and singlestep, iPNDM, UniPC,
-LMS, DEIS): measured orders of
-convergence against the probability-flow ODE solved by diffrax, identities from the papers, a NumPy
-reference loop, the SDE variant's distribution, and every process (exact Gaussian flow).
+LMS, DEIS): measured orders of convergence against the probability-flow ODE solved by diffrax,
+identities from the papers, a NumPy reference loop, the SDE variant's distribution, and every
+process (exact Gaussian flow).
 
 Compilation dominates the run time, so every group of runs is one ``jax.jit`` over all samplers
 (one compilation per process and grid length), shared by the tests through module-level caches.
