@@ -14,6 +14,10 @@ PyTorch runs in a worker process (``benchmarks/_torch_worker.py``) started with 
 jaxdiff) or in this process when torch imports here. The two frameworks are timed alternately, one
 shape at a time, so both see the same load on a shared machine; the waiting side is idle.
 
+A second table says where the time of jaxdiff's whole train step of that network goes: two steps
+under ``jax.profiler`` (XLA:CPU's per-operation trace events, ``--xla_cpu_enable_xprof_traceme``),
+each compiled operation (fusion) classed by the HLO instruction it is built around.
+
 Run ``python benchmarks/convolutions.py --torch-python /tmp/torchenv/bin/python [--quick]``;
 writes the "convolutions" section of ``benchmarks/RESULTS.md``.
 """
@@ -21,12 +25,20 @@ writes the "convolutions" section of ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# per-operation trace events of XLA:CPU (read by jax.profiler); set before JAX starts
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
 
 
 def _best_of(fn, reps: int, k: int) -> float:
@@ -106,11 +118,81 @@ def jax_conv_timer(x_shape, w_shape, stride):
     return run
 
 
+_KINDS = ("convolution", "dot", "reduce-window", "reduce", "transpose", "concatenate", "copy")
+
+
+def _op_kinds(hlo: str) -> dict:
+    """``{instruction name: kind}``: what each fusion of the compiled HLO is built around."""
+    bodies = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    kinds = {}
+    pattern = r"%([\w.\-]+) = \S+ ([\w\-]+)\(([^\n]*)"
+    for name, op, rest in re.findall(pattern, hlo):
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        body = bodies.get(called.group(1), "") if called else f"] {op}("
+        found = [k for k in _KINDS if re.search(r"[\]}] " + re.escape(k) + r"\(", body)]
+        kinds[name] = found[0] if found else "elementwise"
+    return kinds
+
+
+def profile_step(batch: int = 64, steps: int = 2) -> dict:
+    """Seconds per step spent in each kind of operation of jaxdiff's train step (all threads)."""
+    import jax
+    from flax import nnx
+
+    import jaxdiff
+    from jaxdiff import losses, training
+    from jaxdiff.nets import UNet
+
+    model = UNet(
+        1, image_size=16, channels=64, channel_mults=(1, 2, 2), num_res_blocks=2,
+        attn_resolutions=(8,), rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    mesh = training.make_mesh()
+    opt = training.make_optimizer(1e-4, warmup=10, clip=1.0)
+    state, graphdef, rest = training.init_train_state(model, opt, key=jax.random.key(0), mesh=mesh)
+    step = training.make_train_step(graphdef, losses.eps_loss, jaxdiff.VP(), opt, rest=rest)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, 16, 16, 1)).astype(np.float32)
+    data = training.shard_batch(mesh, {"x": x})
+    compiled = step.lower(state, data).compile()
+    kinds = _op_kinds(compiled.as_text())
+    state, _ = compiled(state, data)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(steps):
+                state, _ = compiled(state, data)
+            jax.block_until_ready(state)
+        trace = next(Path(folder).rglob("*.xplane.pb"))
+        profile = jax.profiler.ProfileData.from_file(str(trace))
+    totals = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name in kinds:
+                    totals[kinds[ev.name]] += ev.duration_ns / 1e9 / steps
+    return dict(totals)
+
+
 def conv_flops(x_shape, w_shape, stride) -> float:
     """Forward + input gradient + kernel gradient: three convolutions of the same size."""
     b, h, w, _ = x_shape
     kh, kw, cin, cout = w_shape
     return 3 * 2 * b * (h // stride) * (w // stride) * cout * cin * kh * kw
+
+
+def markdown_profile(totals: dict) -> str:
+    total = sum(totals.values())
+    lines = [
+        "Where jaxdiff's train step of this network spends its time (operation time summed over "
+        "the threads, per step; `transpose` are layout changes, mostly of the activations for "
+        "the kernel gradients):",
+        "",
+        "| operation | s / step | share |",
+        "|---|---|---|",
+    ]
+    for kind, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {t:.3f} | {100 * t / total:.0f}% |")
+    return "\n".join(lines)
 
 
 def markdown(rows, info, quick) -> str:
@@ -182,7 +264,7 @@ def main(argv=None):
             )
     finally:
         worker.close()
-    md = markdown(rows, info, args.quick)
+    md = markdown(rows, info, args.quick) + "\n\n" + markdown_profile(profile_step())
     print(md)
     print(f"wrote section 'convolutions' of {write_section('convolutions', md)}")
     return rows
