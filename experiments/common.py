@@ -30,7 +30,7 @@ import numpy as np
 
 import jaxdiff
 from experiments import configs
-from jaxdiff import checkpoint, guidance, samplers, schedules, training
+from jaxdiff import checkpoint, discrete, guidance, samplers, schedules, training
 
 __all__ = [
     "SAMPLERS",
@@ -168,10 +168,16 @@ class LabelDenoiser(eqx.Module):
     process: jaxdiff.Process
     prediction: str = eqx.field(static=True)
     sigma_data: float
+    learned_variance: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x, t, y):
-        fn = eqx.tree_at(lambda f: f.kwargs, self.fn, {"y": y})
+        fn = mean_output(eqx.tree_at(lambda f: f.kwargs, self.fn, {"y": y}), self.learned_variance)
         return jaxdiff.denoiser(fn, self.process, self.prediction, sigma_data=self.sigma_data)(x, t)
+
+
+def mean_output(fn, learned_variance: bool):
+    """The mean's half of a learned-variance network's output (``loss="hybrid"``), else ``fn``."""
+    return discrete.SplitOutput(fn, 0) if learned_variance else fn
 
 
 def run_denoiser(run: Run, *, labels=None, guidance_scale=None, use_ema: bool = True):
@@ -182,12 +188,13 @@ def run_denoiser(run: Run, *, labels=None, guidance_scale=None, use_ema: bool = 
     if labels is not None and run.num_classes is None:
         raise ValueError("labels given but the run's network is unconditional.")
     if labels is not None and guidance_scale is not None:
-        denoise_y = LabelDenoiser(fn, run.process, c.prediction, c.sigma_data)
+        denoise_y = LabelDenoiser(fn, run.process, c.prediction, c.sigma_data, c.loss == "hybrid")
         return guidance.classifier_free_labels(
             denoise_y, jnp.asarray(labels), guidance_scale, null_label=run.num_classes
         )
     if labels is not None:
         fn = training.model_fn(run.graphdef, params, run.rest, y=jnp.asarray(labels))
+    fn = mean_output(fn, c.loss == "hybrid")
     return jaxdiff.denoiser(fn, run.process, c.prediction, sigma_data=c.sigma_data)
 
 

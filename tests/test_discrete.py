@@ -13,6 +13,8 @@
   NLL, the optimal learned variance, importance sampling and the hybrid loss.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -460,3 +462,30 @@ def test_hybrid_loss_stops_the_mean_gradient_inside_the_bound():
     assert abs(float(g_full[0])) > 0  # without the stop-gradient the bound trains the mean
     vlb_only = D.vlb_loss(net(params), ddpm, x0, key=key)
     np.testing.assert_allclose(vlb_only, 100 * vlb, rtol=1e-12)
+
+
+def test_digits_hybrid_preset_trains_a_learned_variance_network():
+    from experiments import common, configs
+
+    config = configs.get_preset("digits_hybrid")
+    process = configs.make_process(config)
+    assert isinstance(process, jaxdiff.DiscreteVP) and configs.data_levels(config) == 17
+    assert config.loss == "hybrid"
+    small = dataclasses.replace(config.model, channels=8, channel_mults=(1,), attn_resolutions=())
+    model = configs.make_model(dataclasses.replace(config, model=small), (8, 8, 1), 10)
+    levels = jnp.linspace(-1.0, 1.0, 17, dtype=jnp.float32)
+    x0 = levels[jax.random.randint(KEY, (4, 8, 8, 1), 0, 17)]
+    apply = lambda x, t: model(x, t)
+    loss_fn, mean_half = configs.make_loss(config), common.mean_output(apply, True)
+
+    @jax.jit
+    def outputs(x0):
+        t = jnp.full((4,), 0.5)
+        return apply(x0, t), loss_fn(apply, process, x0, key=KEY), mean_half(x0, t)
+
+    out, loss, mean = outputs(x0)
+    assert out.shape == (4, 8, 8, 2) and mean.shape == x0.shape  # eps, then v
+    np.testing.assert_array_equal(mean, out[..., :1])
+    assert loss.shape == (4,) and bool(jnp.all(jnp.isfinite(loss)))
+    with pytest.raises(ValueError, match="hybrid.*discrete process"):
+        configs.Config(loss="hybrid")
