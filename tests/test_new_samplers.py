@@ -413,7 +413,7 @@ def test_langevin_step_size_beyond_the_stability_bound_is_an_error():
     x_T, denoise = prior(process, 4, seed=12), GAUSS.denoiser(process)
     ok = jaxdiff.sample(S.annealed_langevin(process, 2, eps=0.49), denoise, x_T, ts, key=KEY)
     assert bool(jnp.all(jnp.isfinite(ok.x)))
-    with pytest.raises(Exception, match=r"eps must be below 2 sigma_L\^2"):
+    with pytest.raises(ValueError, match=r"eps=0.5 must be below 2 sigma_L\^2 = 0.5"):
         jaxdiff.sample(S.annealed_langevin(process, 2, eps=0.5), denoise, x_T, ts, key=KEY)
 
 

@@ -88,6 +88,12 @@ class Sampler(eqx.Module):
     def step(self, denoise, x, state, ts, i, key):
         """One step ``ts[i] -> ts[i + 1]``: ``(x_next, state, x0_hat, nfe)``."""
 
+    def check(self, ts):
+        """Eager checks of a concrete grid against this sampler's settings (a ``ValueError``).
+
+        :func:`sample` calls it before compiling; by default there is nothing to check.
+        """
+
     def final(self, denoise, x, state, ts, key):
         r"""The last step of a grid ending at 0: :math:`\hat x_0 = D(x, t_{n-1})` (one NFE)."""
         return denoise(x, ts[-2])
@@ -295,6 +301,8 @@ def sample(
     x_T = check_sample_input(x_T)
     ts = jnp.asarray(ts)
     check_grid(ts, sampler.process)
+    if is_concrete(ts):
+        sampler.check(np.asarray(ts, np.float64))
     if key is None:
         if sampler.needs_key:
             raise ValueError(f"{sampler.name} is stochastic: pass key=jax.random.key(seed).")

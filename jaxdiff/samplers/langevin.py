@@ -66,6 +66,20 @@ class AnnealedLangevin(Sampler):
     def init(self, x_T, ts):
         return EmptyState()
 
+    def check(self, ts):
+        r"""``eps`` below :math:`2\tilde\sigma_L^2` of this grid: a ``ValueError`` otherwise."""
+        if self.eps is None or not is_concrete(self.eps, self.process):
+            return
+        last = ts[-2] if ts[-1] == 0 else ts[-1]
+        bound = 2.0 * float(self.process.noise_level(last)) ** 2
+        if self.eps >= bound:
+            raise ValueError(
+                f"annealed_langevin: eps={self.eps:g} must be below 2 sigma_L^2 = {bound:g} "
+                f"(sigma_L = sigma/alpha at the grid's last level t = {last:g}), where the "
+                "Langevin step stops contracting; lower eps or end the grid at a larger noise "
+                "level."
+            )
+
     def _eps(self, sig_last2):
         r""":math:`\epsilon`, checked against :math:`2\tilde\sigma_L^2` at run time."""
         if self.eps is None:
@@ -127,7 +141,8 @@ def annealed_langevin(
             :math:`\tilde\sigma^2` units; traced). ``None``: :math:`0.2\,\tilde\sigma_L^2`,
             NCSN's ratio, taken from the grid. It must be below :math:`2\tilde\sigma_L^2`;
             as :math:`\tilde\sigma_L` is known only with the grid, a larger value raises
-            when the sampler runs (an ``EquinoxRuntimeError`` with that message).
+            when the grid is concrete (a ``ValueError`` from ``jaxdiff.sample``), or when the
+            sampler runs under ``jit`` (an ``EquinoxRuntimeError`` with the same message).
 
     NFE: ``steps_per_level`` per step, 1 for a final step into 0. Needs a ``key``.
 
