@@ -71,7 +71,8 @@ class AnnealedLangevin(Sampler):
         if self.eps is None or not is_concrete(self.eps, self.process):
             return
         last = ts[-2] if ts[-1] == 0 else ts[-1]
-        bound = 2.0 * float(self.process.noise_level(last)) ** 2
+        with jax.ensure_compile_time_eval():  # concrete even inside an outer jit's trace
+            bound = 2.0 * float(self.process.noise_level(last)) ** 2
         if self.eps >= bound:
             raise ValueError(
                 f"annealed_langevin: eps={self.eps:g} must be below 2 sigma_L^2 = {bound:g} "
