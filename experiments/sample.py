@@ -36,6 +36,7 @@ from experiments.common import (  # noqa: F401
     run_denoiser,
     save_samples,
 )
+from jaxdiff import checkpoint
 
 __all__ = ["SampleConfig", "SAMPLER_NAMES", "main"]
 
@@ -64,6 +65,8 @@ class SampleConfig:
     """Classifier-free guidance scale."""
     raw: bool = False
     """Use the raw parameters instead of the EMA."""
+    sigma_rel: float | None = None
+    """Post-hoc EMA of this relative width, rebuilt from the run's ema_snapshots/ (EDM2)."""
 
 
 def parse_args(argv=None) -> SampleConfig:
@@ -80,6 +83,12 @@ def main(argv=None) -> dict:
     common.choose(common.SAMPLERS, "sampler", config.sampler)
     common.choose(common.GRIDS, "grid", config.grid)
     run = common.load_run(workdir)
+    if config.sigma_rel is not None:  # the EMA of that width at the last snapshot, as ema_params
+        abstract = checkpoint.abstract_state(run.state).params
+        ema = checkpoint.load_posthoc_ema(
+            Path(workdir) / "ema_snapshots", abstract, config.sigma_rel
+        )
+        run = run._replace(state=run.state.replace(ema_params=ema))
     labels = common.default_labels(run, config.num, config.label)
     denoise = common.run_denoiser(
         run, labels=labels, guidance_scale=config.guidance, use_ema=not config.raw
@@ -90,6 +99,8 @@ def main(argv=None) -> dict:
         grid=config.grid,
     )  # fmt: skip
     stem = Path(workdir) / "samples" / f"{config.sampler}_nfe{nfe}_seed{config.seed}"
+    if config.sigma_rel is not None:
+        stem = stem.with_name(f"{stem.name}_ema{config.sigma_rel:g}".replace(".", "_"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     np.save(stem.with_suffix(".npy"), x)
     common.save_samples(stem.with_suffix(".png"), x, title=f"{config.sampler}, NFE {nfe}")

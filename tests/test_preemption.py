@@ -1,7 +1,7 @@
 """Long runs of ``experiments.train``: a real SIGTERM to the training process saves the step it
 was on and a rerun ends bitwise equal to an uninterrupted run; SIGINT does the same; a rerun loads
 its compiled programs from the persistent compilation cache; post-hoc EMA from the run's
-snapshots; gradient accumulation from the command line."""
+snapshots and sampling from it; gradient accumulation from the command line."""
 
 import json
 import os
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from _toy_run import tiny_toy_args
 
+from experiments import sample as sampling
 from experiments import train as train_script
 from jaxdiff import checkpoint, training
 
@@ -87,6 +88,13 @@ def test_sigterm_saves_the_current_step_and_the_rerun_is_bitwise_identical(tmp_p
     params = checkpoint.load_posthoc_ema(reference / "ema_snapshots", abstract, 0.10)
     for a, b in zip(_leaves(params), _leaves(uninterrupted.state.power_ema[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # and experiments.sample samples from a reconstructed width
+    args = [str(reference), "--sampler", "ddim", "--nfe", "5", "--num", "16"]
+    info = sampling.main([*args, "--sigma-rel", "0.08"])
+    x = np.load(info["npy"])
+    assert info["npy"].endswith("ddim_nfe5_seed0_ema0_08.npy") and x.shape == (16, 2)
+    assert np.all(np.isfinite(x))
+    assert not np.array_equal(x, np.load(sampling.main(args)["npy"]))  # not the plain EMA
 
 
 def test_sigint_stops_after_the_current_step(tmp_path, monkeypatch, capsys):
