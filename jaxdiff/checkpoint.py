@@ -164,12 +164,16 @@ class Checkpointer:
 
     def _saved_profiles(self, step: int, abstract):
         """``abstract`` with as many power-function EMAs as the checkpoint holds (a loader that
-        only samples does not know how many the run tracked; each has the params' structure)."""
+        only samples does not know how many the run tracked; each has the params' structure).
+        A checkpoint written before the power EMAs existed is read as a dict of the other fields.
+        """
         if not isinstance(abstract, TrainState):
             return abstract
         saved = self._manager.item_metadata(step)["state"]
         saved = getattr(saved, "tree", saved)
-        n = len(saved.get("power_ema") or ())
+        if "power_ema" not in saved:
+            return {k: v for k, v in vars(abstract).items() if not k.startswith("power_")}
+        n = len(saved["power_ema"] or ())
         if n == len(abstract.power_ema):
             return abstract
         gamma = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=abstract.step.sharding)
@@ -179,11 +183,12 @@ class Checkpointer:
 
     def restore(self, step: int, abstract, data_iterator=None):
         """Restore the state saved at ``step`` onto ``abstract``'s shardings; move the iterator."""
-        items = {"state": ocp.args.StandardRestore(self._saved_profiles(step, abstract))}
+        target = self._saved_profiles(step, abstract)
+        items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        return TrainState(**state) if isinstance(target, dict) else state
 
     def restore_latest(self, abstract, data_iterator=None):
         """``(state, step)`` of the newest complete checkpoint, or ``None`` when there is none.

@@ -163,3 +163,32 @@ def test_iterator_position_is_read_when_save_is_called(tmp_path, monkeypatch):
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         ckpt.restore_latest(checkpoint.abstract_state(fresh), it2)
     np.testing.assert_array_equal(next(it2)["x"], expected)
+
+
+def test_restore_fills_in_the_tracked_ema_profiles_and_reads_older_checkpoints(tmp_path):
+    import orbax.checkpoint as ocp
+
+    model = MLP(2, hidden=16, depth=1, rngs=nnx.Rngs(0))
+    opt = training.make_optimizer(1e-2)
+    tracked, *_ = training.init_train_state(
+        model, opt, key=jax.random.key(1), ema_profiles=(0.05, 0.1)
+    )
+    plain, *_ = training.init_train_state(model, opt, key=jax.random.key(1))
+    with checkpoint.Checkpointer(tmp_path / "new", every=1) as ckpt:
+        ckpt.save(3, tracked)
+        ckpt.wait()
+        # a loader that does not know the run's profiles (as experiments.sample) gets them all
+        restored = ckpt.restore(3, checkpoint.abstract_state(plain))
+    assert len(restored.power_ema) == 2
+    for a, b in zip(_leaves(restored), _leaves(tracked), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a checkpoint written before TrainState had power EMAs
+    fields = ("step", "params", "opt_state", "ema_params", "key")
+    with checkpoint.Checkpointer(tmp_path / "old", every=1) as ckpt:
+        old = {f: getattr(plain, f) for f in fields}
+        ckpt._manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
+        ckpt.wait()
+        restored = ckpt.restore(2, checkpoint.abstract_state(tracked))
+    assert isinstance(restored, training.TrainState) and restored.power_ema == ()
+    for a, b in zip(_leaves(restored), _leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
