@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.nets.embeddings import GroupNorm, TimeEmbedding, batch_time, groups_for
-from jaxdiff.nets.unet import AttentionBlock, ResBlock, _conv
+from jaxdiff.nets.unet import AttentionBlock, ResBlock, conv
 
 __all__ = ["Classifier"]
 
@@ -64,7 +64,7 @@ class Classifier(nnx.Module):
         self.time = TimeEmbedding(
             channels, emb_dim, kind=embedding, time_scale=time_scale, dtype=dtype, rngs=rngs
         )
-        self.conv_in = _conv(in_channels, channels, dtype, rngs)
+        self.conv_in = conv(in_channels, channels, dtype, rngs)
         blocks, c, res = [], channels, image_size
         for i, m in enumerate(channel_mults):
             w = channels * m
@@ -74,7 +74,7 @@ class Classifier(nnx.Module):
                     blocks.append(AttentionBlock(w, dtype=dtype, rngs=rngs))
                 c = w
             if i < len(channel_mults) - 1:
-                blocks.append(_conv(c, c, dtype, rngs, stride=2))
+                blocks.append(conv(c, c, dtype, rngs, stride=2))
                 res //= 2
         self.blocks = nnx.List(blocks)
         self.norm = GroupNorm(c, num_groups=groups_for(c), dtype=dtype, rngs=rngs)

@@ -31,15 +31,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.nets.embeddings import TimeEmbedding, batch_time, groups_for
+from jaxdiff.nets.embeddings import GroupNorm, TimeEmbedding, batch_time, groups_for
 from jaxdiff.nets.mlp import LabelEmbedding, check_labels
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock"]
+__all__ = ["UNet", "ResBlock", "AttentionBlock", "conv"]
 
 _SKIP = 1.0 / math.sqrt(2.0)
 
 
-def _conv(cin, cout, dtype, rngs, *, kernel=3, stride=1, zero=False):
+def conv(cin, cout, dtype, rngs, *, kernel=3, stride=1, zero=False):
+    """A ``kernel x kernel`` SAME convolution (LeCun-normal or zero initialised)."""
     init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=stride, padding="SAME", kernel_init=init,
@@ -48,7 +49,7 @@ def _conv(cin, cout, dtype, rngs, *, kernel=3, stride=1, zero=False):
 
 
 def _norm(channels, dtype, rngs):
-    return nnx.GroupNorm(channels, num_groups=groups_for(channels), dtype=dtype, rngs=rngs)
+    return GroupNorm(channels, num_groups=groups_for(channels), dtype=dtype, rngs=rngs)
 
 
 class ResBlock(nnx.Module):
@@ -56,12 +57,12 @@ class ResBlock(nnx.Module):
 
     def __init__(self, cin, cout, emb_dim, *, dropout=0.0, dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = _norm(cin, dtype, rngs)
-        self.conv1 = _conv(cin, cout, dtype, rngs)
+        self.conv1 = conv(cin, cout, dtype, rngs)
         self.emb = nnx.Linear(emb_dim, cout, dtype=dtype, rngs=rngs)
         self.norm2 = _norm(cout, dtype, rngs)
         self.dropout = nnx.Dropout(dropout)
-        self.conv2 = _conv(cout, cout, dtype, rngs, zero=True)
-        self.skip = None if cin == cout else _conv(cin, cout, dtype, rngs, kernel=1)
+        self.conv2 = conv(cout, cout, dtype, rngs, zero=True)
+        self.skip = None if cin == cout else conv(cin, cout, dtype, rngs, kernel=1)
 
     def __call__(self, x, emb, rngs=None):
         h = self.norm2(self.conv1(jax.nn.silu(self.norm1(x))))
@@ -92,10 +93,8 @@ class AttentionBlock(nnx.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // self.num_heads)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        a = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, h, w, c)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, positions, heads, dim)
+        a = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)  # scale 1/sqrt(dim)
         return (x + self.out(a)) * _SKIP
 
 
@@ -119,8 +118,10 @@ class _Level(nnx.Module):
 
 
 def _upsample(x):
+    """Nearest-neighbour 2x upsampling as a broadcast (no gather, unlike ``jax.image.resize``)."""
     b, h, w, c = x.shape
-    return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
 
 
 class UNet(nnx.Module):
@@ -179,7 +180,7 @@ class UNet(nnx.Module):
             if num_classes is None
             else LabelEmbedding(num_classes, emb_dim, dtype=dtype, rngs=rngs)
         )
-        self.conv_in = _conv(in_channels, channels, dtype, rngs)
+        self.conv_in = conv(in_channels, channels, dtype, rngs)
         widths = [channels * m for m in channel_mults]
         # Encoder: record every skip's width for the decoder.
         down, skips, c, res = [], [channels], channels, image_size
@@ -192,7 +193,7 @@ class UNet(nnx.Module):
                 skips.append(c)
                 res //= 2
         self.down = nnx.List(down)
-        self.downsample = nnx.List([_conv(w, w, dtype, rngs, stride=2) for w in widths[:-1]])
+        self.downsample = nnx.List([conv(w, w, dtype, rngs, stride=2) for w in widths[:-1]])
         self.mid1 = ResBlock(c, c, emb_dim, dropout=dropout, dtype=dtype, rngs=rngs)
         self.mid_attn = AttentionBlock(c, num_heads=num_heads, dtype=dtype, rngs=rngs)
         self.mid2 = ResBlock(c, c, emb_dim, dropout=dropout, dtype=dtype, rngs=rngs)
@@ -202,9 +203,9 @@ class UNet(nnx.Module):
             up.append(_Level(cins, w, emb_dim, res in attn_resolutions, opts, rngs))
             c, res = w, res * 2
         self.up = nnx.List(up)
-        self.upsample = nnx.List([_conv(w, w, dtype, rngs) for w in widths[:0:-1]])
+        self.upsample = nnx.List([conv(w, w, dtype, rngs) for w in widths[:0:-1]])
         self.norm_out = _norm(c, dtype, rngs)
-        self.conv_out = _conv(c, out_channels or in_channels, dtype, rngs)
+        self.conv_out = conv(c, out_channels or in_channels, dtype, rngs)
 
     def _check(self, x, y):
         expected = (self.image_size, self.image_size, self.in_channels)
