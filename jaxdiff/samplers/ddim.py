@@ -35,9 +35,12 @@ def ddim_step(process: Process, x, x0_hat, t, s, eta=0.0, noise=None):
         return a_s * x0_hat + sig_s * eps_hat
     # c = eta sigma_s sqrt(r), r = 1 - e^{lambda_t - lambda_s} > 0: no square root of 0 at eta = 0,
     # so the step stays differentiable there (schedules.optimize differentiates through it).
+    # Going up in time (DDIM inversion, s > t) r < 0: no noise there, and no NaN from sqrt(r).
     r = bcast(-jnp.expm1(process.log_snr(t) - process.log_snr(s)), x)
-    keep = jnp.sqrt(1.0 - eta**2 * r)  # sqrt(sigma_s^2 - c^2) / sigma_s
-    return a_s * x0_hat + sig_s * keep * eps_hat + eta * sig_s * jnp.sqrt(r) * noise
+    up = r <= 0
+    sqrt_r = jnp.where(up, 0.0, jnp.sqrt(jnp.where(up, 1.0, r)))
+    keep = jnp.sqrt(1.0 - eta**2 * jnp.where(up, 0.0, r))  # sqrt(sigma_s^2 - c^2) / sigma_s
+    return a_s * x0_hat + sig_s * keep * eps_hat + eta * sig_s * sqrt_r * noise
 
 
 class DDIM(OneCallSampler):
