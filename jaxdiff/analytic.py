@@ -128,11 +128,18 @@ class GaussianMixture(_Target):
     ``means`` has shape ``(k, d)``; ``scales`` (standard deviations) ``(k,)`` for isotropic or
     ``(k, d)`` for diagonal components; ``weights`` ``(k,)`` (normalized here). Component
     :math:`k` of :math:`p_t` is :math:`\mathcal N(\alpha_t\mu_k, \alpha_t^2 s_k^2 + \sigma_t^2)`.
+
+    ``scales`` is stored as ``(k, d)`` either way; isotropic components (``scales`` given as
+    ``(k,)``) take a matmul path: :math:`\|x - a\mu_k\|^2 = \|x\|^2 - 2a\,x\cdot\mu_k +
+    a^2\|\mu_k\|^2` from one ``x @ means.T``, and the posterior mean
+    :math:`\sum_k w_k[\mu_k + c_k(x - a\mu_k)]`, :math:`c_k = a s_k^2/(a^2 s_k^2 + \sigma^2)`,
+    as :math:`w\mu + (\sum_k w_k c_k)\,x - a\,(w c)\mu`, never a ``(batch, k, d)`` array.
     """
 
     means: jax.Array
     scales: jax.Array
     weights: jax.Array
+    isotropic: bool = eqx.field(static=True)
 
     def __init__(self, means, scales, weights=None):
         means = jnp.asarray(means)
@@ -148,6 +155,7 @@ class GaussianMixture(_Target):
         self.means = means
         self.scales = jnp.broadcast_to(scales.reshape(k, -1), means.shape)
         self.weights = weights / jnp.sum(weights)
+        self.isotropic = scales.ndim == 1
 
     def _components(self, process, x, t):
         """Per-component log densities ``(batch, k)`` and variances ``(batch, k, d)``."""
@@ -157,22 +165,49 @@ class GaussianMixture(_Target):
         logn = -0.5 * jnp.sum(r**2 / v + jnp.log(2 * math.pi * v), axis=-1)
         return logn + jnp.log(self.weights), v, r
 
+    def _isotropic(self, process, x, t):
+        """Isotropic components: log densities ``(batch, k)``, ``a`` ``(batch,)`` and
+        variances ``(batch, k)``, the distances from one ``x @ means.T``."""
+        a, s = _per_example(process, x, t)
+        v = a[:, None] ** 2 * self.scales[:, 0] ** 2 + s[:, None] ** 2
+        d2 = (
+            jnp.sum(x**2, axis=-1, keepdims=True)
+            - 2 * a[:, None] * (x @ self.means.T)
+            + a[:, None] ** 2 * jnp.sum(self.means**2, axis=-1)
+        )
+        logn = -0.5 * (d2 / v + x.shape[-1] * jnp.log(2 * math.pi * v))
+        return logn + jnp.log(self.weights), a, v
+
+    def _logits(self, process, x, t):
+        """``log w_k + log N_k(x)``, shape ``(batch, k)``, by the path that fits the scales."""
+        if self.isotropic:
+            return self._isotropic(process, x, t)[0]
+        return self._components(process, x, t)[0]
+
     def responsibilities(self, process, x, t):
         r"""Posterior class probabilities :math:`p(k \mid x_t)`, shape ``(batch, k)``."""
-        return jax.nn.softmax(self._components(process, x, t)[0], axis=-1)
+        return jax.nn.softmax(self._logits(process, x, t), axis=-1)
 
     def class_log_prob(self, process, x, t, y):
         r"""Exact classifier :math:`\log p(y \mid x_t)` for integer labels ``y``, shape ``(batch,)``."""
-        logits = self._components(process, x, t)[0]
+        logits = self._logits(process, x, t)
         return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], axis=-1)[:, 0]
 
     def component(self, k: int) -> GaussianMixture:
         """The ``k``-th component alone (the class-conditional target)."""
-        return GaussianMixture(
-            self.means[k : k + 1], self.scales[k : k + 1], self.weights[:1] * 0 + 1
-        )
+        scales = self.scales[k : k + 1, 0] if self.isotropic else self.scales[k : k + 1]
+        return GaussianMixture(self.means[k : k + 1], scales, self.weights[:1] * 0 + 1)
 
     def posterior_mean(self, process, x, t):
+        if self.isotropic:
+            logw, a, v = self._isotropic(process, x, t)
+            w = jax.nn.softmax(logw, axis=-1)
+            wc = w * (a[:, None] * self.scales[:, 0] ** 2 / v)  # w_k c_k
+            return (
+                w @ self.means
+                + jnp.sum(wc, axis=-1, keepdims=True) * x
+                - a[:, None] * (wc @ self.means)
+            )
         logw, v, r = self._components(process, x, t)
         a, _ = _per_example(process, x, t)
         resp = jax.nn.softmax(logw, axis=-1)[..., None]
@@ -181,7 +216,7 @@ class GaussianMixture(_Target):
 
     def logp(self, process, x, t):
         """Log density of :math:`p_t` at ``x``, shape ``(batch,)``."""
-        return jax.nn.logsumexp(self._components(process, x, t)[0], axis=-1)
+        return jax.nn.logsumexp(self._logits(process, x, t), axis=-1)
 
     def sample(self, n, *, key, dtype=None, return_labels=False):
         kc, kz = jax.random.split(key)

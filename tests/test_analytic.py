@@ -201,3 +201,21 @@ def test_time_of_the_wrong_length_names_t(target):
     if isinstance(target, GaussianMixture):
         with pytest.raises(ValueError, match="t must be a scalar"):
             target.class_log_prob(process, x, jnp.full((2,), 0.5), jnp.zeros(4, int))
+
+
+@parametrize
+def test_isotropic_mixture_matmul_path_equals_diagonal_path(process):
+    # Isotropic scales (k,) take the x @ means.T path; the same scales given as (k, d) take the
+    # per-component-difference path. Equal to float64 rounding, at scalar and batched t.
+    diag = GaussianMixture(MIX_ISO.means, MIX_ISO.scales, MIX_ISO.weights)
+    assert MIX_ISO.isotropic and not diag.isotropic
+    x, t, _, _ = points(process, n=7)
+    for tt in [t, *t[[0, 3, 6]]]:
+        for method in ("posterior_mean", "logp", "responsibilities"):
+            got = getattr(MIX_ISO, method)(process, x, tt)
+            ref = getattr(diag, method)(process, x, tt)
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12, err_msg=method)
+        np.testing.assert_allclose(
+            MIX_ISO.score(process)(x, tt), diag.score(process)(x, tt), rtol=1e-12, atol=1e-12
+        )
+    assert MIX_ISO.component(1).isotropic
