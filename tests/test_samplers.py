@@ -456,11 +456,11 @@ def test_a_sampler_is_a_jit_argument(f32_setup):
     x_T, denoise, ts = f32_setup
     # Deterministic samplers need no key, even with eta / churn traced by the outer jit.
     plain = jax.jit(lambda s, x: jaxdiff.sample(s, denoise, x, ts).x)
-    for sampler in (S.ddim(EDM_), S.heun(EDM_), S.dpm_solver_pp(EDM_, 2), S.unipc(EDM_)):
+    for sampler in (S.ddim(EDM_), S.heun(EDM_)):
         eager = jaxdiff.sample(sampler, denoise, x_T, ts).x
         np.testing.assert_allclose(plain(sampler, x_T), eager, rtol=1e-5, atol=1e-5)
     run = jax.jit(lambda s, x: jaxdiff.sample(s, denoise, x, ts, key=KEY).x)
-    for name in ("ddim", "heun_churn", "dpm_solver_pp_3", "pc"):
+    for name in ("heun_churn", "dpm_solver_pp_3"):
         sampler = FACTORIES[name](EDM_)
         eager = jaxdiff.sample(sampler, denoise, x_T, ts, key=KEY).x
         np.testing.assert_allclose(run(sampler, x_T), eager, rtol=1e-5, atol=1e-5)
