@@ -92,7 +92,26 @@ class _IteratorSnapshot:
         return self._state
 
 
-class Checkpointer:
+class _Managed:
+    """Lifetime of an orbax ``CheckpointManager`` held as ``self._manager`` (a context manager)."""
+
+    def wait(self):
+        """Block until pending asynchronous saves are written."""
+        self._manager.wait_until_finished()
+
+    def close(self):
+        """Finish pending saves and release orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Checkpointer(_Managed):
     """Save every ``every`` steps (and on demand), keep the last ``keep``, restore the latest.
 
     Args:
@@ -201,26 +220,11 @@ class Checkpointer:
             return None
         return self.restore(step, abstract, data_iterator), step
 
-    def wait(self):
-        """Block until pending asynchronous saves are written."""
-        self._manager.wait_until_finished()
-
-    def close(self):
-        """Finish pending saves and release orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 # ----------------------------------------------------------------------------------------------
 # Post-hoc EMA snapshots
 # ----------------------------------------------------------------------------------------------
-class EMASnapshots:
+class EMASnapshots(_Managed):
     """Snapshots of a train state's power-function EMAs every ``every`` steps, all kept.
 
     Snapshot ``k`` is the folder ``<directory>/<k>`` with the EMAs (``ema``, one tree per profile,
@@ -277,19 +281,6 @@ class EMASnapshots:
                 EMASnapshot(step, g, emas[str(i)]) for i, g in enumerate(profile["gamma"])
             ]
         return snapshots
-
-    def wait(self):
-        self._manager.wait_until_finished()
-
-    def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def load_ema_snapshots(directory, abstract_params) -> list[EMASnapshot]:

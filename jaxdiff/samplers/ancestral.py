@@ -96,12 +96,8 @@ class Ancestral(Sampler):
         return self.sampler.nfe_per_step
 
     @property
-    def stochastic(self) -> bool:
-        return not is_zero(self.eta)
-
-    @property
-    def needs_key(self) -> bool:
-        return is_concrete(self.eta) and not is_zero(self.eta)
+    def noise_scale(self):
+        return self.eta
 
     @property
     def name(self) -> str:

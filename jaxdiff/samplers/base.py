@@ -104,19 +104,34 @@ class Sampler(eqx.Module):
         return 1
 
     @property
+    def noise_scale(self):
+        """The hyperparameter that switches this sampler's noise on (``eta``, ``churn``), if any.
+
+        ``None`` (the default) for samplers whose randomness does not depend on a setting.
+        """
+        return None
+
+    @property
     def stochastic(self) -> bool:
-        """Whether the sampler draws noise (then :func:`sample` needs a ``key``)."""
-        return False
+        """Whether the sampler draws noise (then :func:`sample` needs a ``key``).
+
+        With a ``noise_scale``: unless that scale is concretely 0 (a traced one may not be).
+        """
+        scale = self.noise_scale
+        return scale is not None and not is_zero(scale)
 
     @property
     def needs_key(self) -> bool:
         """Whether :func:`sample` insists on a ``key``: the sampler is known to draw noise.
 
-        Equal to ``stochastic`` except where the noise scale is a hyperparameter (``ddim``'s
-        ``eta``, ``heun``'s ``churn``) traced by an outer ``jax.jit``: then whether noise is
-        drawn is unknown at trace time, and a missing key means ``jax.random.key(0)``.
+        Equal to ``stochastic`` except where the noise scale (``ddim``'s ``eta``, ``heun``'s
+        ``churn``) is traced by an outer ``jax.jit``: then whether noise is drawn is unknown at
+        trace time, and a missing key means ``jax.random.key(0)``.
         """
-        return self.stochastic
+        scale = self.noise_scale
+        if scale is None:
+            return self.stochastic
+        return is_concrete(scale) and not is_zero(scale)
 
     @property
     def name(self) -> str:

@@ -56,12 +56,8 @@ class DDIM(OneCallSampler):
         return ddim_step(self.process, x, x0_hat, t, s, self.eta, noise)
 
     @property
-    def stochastic(self) -> bool:
-        return not is_zero(self.eta)
-
-    @property
-    def needs_key(self) -> bool:
-        return is_concrete(self.eta) and not is_zero(self.eta)
+    def noise_scale(self):
+        return self.eta
 
     @property
     def name(self) -> str:

@@ -474,12 +474,8 @@ class DPMSolverPPSDE(Sampler):
         return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
 
     @property
-    def stochastic(self) -> bool:
-        return not is_zero(self.eta)
-
-    @property
-    def needs_key(self) -> bool:
-        return is_concrete(self.eta) and not is_zero(self.eta)
+    def noise_scale(self):
+        return self.eta
 
     @property
     def name(self) -> str:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, OneCallSampler, Sampler, is_zero, normal_like
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, Sampler, normal_like
 
 __all__ = ["Euler", "Heun", "euler", "heun", "euler_step", "heun_step", "churn_step", "noise_level"]
 
@@ -149,12 +149,8 @@ class Heun(Sampler):
         return 2
 
     @property
-    def stochastic(self) -> bool:
-        return not is_zero(self.churn)
-
-    @property
-    def needs_key(self) -> bool:
-        return is_concrete(self.churn) and not is_zero(self.churn)
+    def noise_scale(self):
+        return self.churn
 
     @property
     def name(self) -> str:
