@@ -481,30 +481,80 @@ def grid_loss(sampler: Sampler, denoise, x_T, targets, key, n: int, pin_t_min: b
     return loss
 
 
+def _per_sample_loss(sampler, denoise, x_T, targets, key, n, pin_t_min):
+    """``theta -> ||sample(x_T; t(theta)) - target||`` per sample (the terms of :func:`grid_loss`)."""
+    process = _process_of(sampler)
+    dtype = grid_dtype(x_T)
+
+    def loss(theta):
+        ts = _grid_from_logits(process, theta, n, pin_t_min, dtype)
+        x = sample(sampler, denoise, x_T, ts, key=key).x
+        return jnp.sqrt(jnp.sum((x - targets).reshape(x.shape[0], -1) ** 2, axis=-1))
+
+    return loss
+
+
 @eqx.filter_jit
-def _descend(sampler, denoise, x_T, targets, theta, lr, *, key, n, pin_t_min, steps, optimizer):
-    """``steps`` (traced: one compilation for any count) optimizer updates from ``theta`` in one
-    ``lax.fori_loop``; returns the least warm-up loss seen and its logits (``theta`` itself
-    included, so ``steps=0`` just evaluates the loss). ``optimizer=None`` is Adam with the traced
-    learning rate ``lr`` (built here, so a new call never recompiles)."""
+def _descend(
+    sampler, denoise, fit, held, theta, lr, reference, *, key, n, pin_t_min, steps, optimizer
+):
+    """``steps`` (traced: one compilation for any count) optimizer updates from ``theta`` on the
+    loss of the ``fit`` pair ``(x_T, targets)``, in one ``lax.fori_loop``, each iterate scored on
+    the ``held`` pair (``None``: on the fit loss itself).
+
+    Returns the least score seen, its per-sample terms and its logits; whether an iterate's
+    terms are, paired with ``reference`` (the terms of another grid on the same samples), no
+    more than one standard error above them on average, and the logits of the first one that
+    is (else ``theta``); and the fit loss of ``theta`` itself (iterate 0, so ``steps=0`` just evaluates it).
+    ``optimizer=None`` is Adam with the traced learning rate ``lr`` (built here, so a new call
+    never recompiles)."""
     import optax
 
     opt = optax.adam(lr) if optimizer is None else optimizer
-    loss_and_grad = jax.value_and_grad(grid_loss(sampler, denoise, x_T, targets, key, n, pin_t_min))
+    loss_and_grad = jax.value_and_grad(grid_loss(sampler, denoise, *fit, key, n, pin_t_min))
+    held_loss = (
+        None if held is None else _per_sample_loss(sampler, denoise, *held, key, n, pin_t_min)
+    )
 
-    def body(_, carry):
-        theta, state, best, best_theta = carry
+    def body(k, carry):
+        theta, state, best, best_terms, best_theta, found, first_theta, value0 = carry
         value, grad = loss_and_grad(theta)
+        value0 = jnp.where(k == 0, value, value0)
         ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))
-        better = ok & (value < best)
-        best, best_theta = jnp.where(better, value, best), jnp.where(better, theta, best_theta)
+        terms = value[None] if held_loss is None else held_loss(theta)
+        score = jnp.mean(terms)
+        scored = ok & jnp.isfinite(score)
+        better = scored & (score < best)
+        best, best_terms = jnp.where(better, score, best), jnp.where(better, terms, best_terms)
+        best_theta = jnp.where(better, theta, best_theta)
+        diff = terms - reference
+        close = jnp.mean(diff) <= jnp.std(diff) / jnp.sqrt(diff.shape[0])
+        first = scored & ~found & close
+        found, first_theta = found | first, jnp.where(first, theta, first_theta)
         updates, state = opt.update(jnp.where(ok, grad, 0.0), state, theta)
-        return theta + updates, state, best, best_theta
+        return theta + updates, state, best, best_terms, best_theta, found, first_theta, value0
 
-    init = (theta, opt.init(theta), jnp.asarray(jnp.inf, theta.dtype), theta)
+    inf = jnp.asarray(jnp.inf, theta.dtype)
+    init = (theta, opt.init(theta), inf, reference, theta, jnp.asarray(False), theta, inf)
     # iteration k evaluates the k-th iterate; the last update (after step ``steps``) is unused
-    _, _, best, best_theta = jax.lax.fori_loop(0, steps + 1, body, init)
-    return best, best_theta
+    out = jax.lax.fori_loop(0, steps + 1, body, init)
+    return out[2], out[3], out[4], out[5], out[6], out[7]
+
+
+def _held_out_count(holdout, batch: int) -> int:
+    """How many of ``batch`` warm-up samples :func:`optimize` holds out (a ``ValueError`` if the
+    fraction ``holdout`` leaves none to fit or none to hold out)."""
+    if not isinstance(holdout, int | float) or not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be a fraction in [0, 1); got {holdout!r}.")
+    if holdout == 0.0:
+        return 0
+    held = max(1, round(holdout * batch))
+    if held >= batch:
+        raise ValueError(
+            f"holdout={holdout} of {batch} warm-up sample(s) leaves none to fit the grid on: "
+            "pass more warm-up noise, or holdout=0 to select on the fitted samples themselves."
+        )
+    return held
 
 
 def _finite(value) -> float:
@@ -529,6 +579,7 @@ def optimize(
     fine_steps: int = 200,
     refine: int = 2,
     optimizer=None,
+    holdout: float = 0.25,
 ):
     r"""A time grid for one sampler, by gradient descent on its error against a teacher.
 
@@ -546,14 +597,33 @@ def optimize(
     differentiated through the whole scan of ``jaxdiff.sample`` (the sampler is a differentiable
     function of its grid; the final step into 0 only evaluates the denoiser, so no coefficient
     divides by the zero noise level there). The ``starts`` hand-made grids (or ``init`` grids)
-    of least warm-up loss are each improved by ``steps`` iterations of Adam (optax), all in one
-    compiled ``lax.scan``; the grid of least warm-up loss seen is returned (``n + 1`` times
-    ending with 0), so the result is never worse on the warm-up set than its best start. A
+    of least loss on the warm-up set are each improved by ``steps`` iterations of Adam (optax),
+    all in one compiled ``lax.fori_loop``, and ``n + 1`` times ending with 0 are returned. A
     non-finite loss or gradient skips that update.
 
+    **The hold-out guard.** With few warm-up samples the grid overfits them, so a fraction
+    ``holdout`` of them (the last rows of ``x_T``) is not fitted: every iterate is scored on
+    it, and the grid returned follows the one-standard-error rule on it, paired per sample:
+    the best start if its held-out loss is within one standard error (of the per-sample
+    differences) of the least held-out loss seen, else the first iterate of that descent (the
+    closest to its start) that is. So the result is never worse than its best start on the
+    held-out part, and prefers the start unless the data say otherwise. ``holdout=0`` fits
+    every sample and returns the iterate of least warm-up loss (never worse there than its
+    start).
+
+    How many warm-up samples pay off, measured on the benchmarks' mixture (16-d, 8 components,
+    EDM, DPM-Solver++(2M), float64; 12 warm-up sets of 32, 4 of 64 and 4 of 256; mean distance
+    to the exact probability-flow endpoints of 512 fresh samples; the best hand-made grid
+    scores 1.50 at NFE 6 and 1.35 at NFE 8): with 32 samples the guarded grid was never worse
+    than its start (24 of 24 cases; 0.40-1.35 at NFE 8, one kept its start); with 64 and 256
+    samples it gains in every case (NFE 8: 0.41-0.63; NFE 6: 0.94-1.38). In root-mean-square
+    error, which a few samples that end in another mixture component dominate (the worst 5%
+    of samples carry half of it), 32 samples rarely hold such a sample: there the grid was
+    worse than its start in 3 of 24 cases (by 2-9%); use 64 or more warm-up samples when the
+    tail matters.
+
     Unlike :func:`gits`, whose step cost follows the teacher, this measures the sampler along
-    its own path, so it also suits multistep solvers (DPM-Solver++(2M), iPNDM, UniPC). Measure
-    the result on noise other than ``x_T``: with few warm-up samples the grid can overfit them.
+    its own path, so it also suits multistep solvers (DPM-Solver++(2M), iPNDM, UniPC).
 
     Args:
         sampler: any sampler built by a factory of :mod:`jaxdiff.samplers` (it gives the process).
@@ -572,6 +642,8 @@ def optimize(
         pin_t_min: keep the last time before 0 at ``t_min`` (else it is optimized too).
         optimizer: an optax ``GradientTransformation`` replacing ``optax.adam(lr)`` (pass the
             same object again to reuse the compilation).
+        holdout: the fraction of ``x_T`` held out for the guard (at least one sample when
+            positive; 0 turns the guard off).
 
     Example:
         >>> sampler = jaxdiff.samplers.dpm_solver_pp(vp, order=2)              # doctest: +SKIP
@@ -587,17 +659,35 @@ def optimize(
         raise ValueError(f"starts must be a positive int; got {starts!r}.")
     if x_T.ndim < 2 or x_T.shape[0] < 1:
         raise ValueError(f"x_T must be a batch of warm-up noise (batch, ...); got {x_T.shape}.")
+    n_held = _held_out_count(holdout, x_T.shape[0])
     if n <= (2 if pin_t_min else 1):  # nothing to choose
         return log_snr_uniform(process, n, dtype=dtype)
     targets = _targets(process, denoise, x_T, teacher, fine_steps, refine)
+    fit_set = (x_T[: x_T.shape[0] - n_held], targets[: x_T.shape[0] - n_held])
+    held_set = (x_T[-n_held:], targets[-n_held:]) if n_held else None
     candidates = _candidates(process, init, n, dtype)
     logits = jnp.stack([_logits_from_grid(process, ts, n, pin_t_min, dtype) for ts in candidates])
     key = jax.random.key(0) if key is None else key
-    fit = functools.partial(_descend, sampler, denoise, x_T, targets, lr=jnp.asarray(lr, dtype))
+    fit = functools.partial(
+        _descend, sampler, denoise, fit_set, held_set, lr=jnp.asarray(lr, dtype)
+    )
     fit = functools.partial(fit, key=key, n=n, pin_t_min=pin_t_min, optimizer=optimizer)
-    # rank the starts by warm-up loss (0 steps: the same compiled loop), descend from the best
-    first = [_finite(fit(theta, steps=jnp.asarray(0))[0]) for theta in logits]
-    ranked = sorted(range(len(first)), key=first.__getitem__)[:starts]
-    runs = [fit(logits[i], steps=jnp.asarray(steps)) for i in ranked]
-    theta = min(runs, key=lambda r: _finite(r[0]))[1]
+    # reference terms no grid is close to (selection off)
+    never = jnp.full((max(n_held, 1),), -jnp.inf, dtype)
+    # rank the starts by their loss on every warm-up sample (0 steps: the same compiled loop)
+    zero_steps = [fit(theta, reference=never, steps=jnp.asarray(0)) for theta in logits]
+    n_fit = x_T.shape[0] - n_held
+    mean = lambda out: (n_fit * _finite(out[5]) + n_held * _finite(out[0])) / x_T.shape[0]
+    ranked = sorted(range(len(logits)), key=lambda j: mean(zero_steps[j]))[:starts]
+    # descend from the best ones
+    runs = [(i, fit(logits[i], reference=never, steps=jnp.asarray(steps))) for i in ranked]
+    i, (best, best_terms, theta, _, _, _) = min(runs, key=lambda r: _finite(r[1][0]))
+    if n_held and math.isfinite(_finite(best)):
+        # the one-standard-error rule, paired: the best start if its held-out loss is within one
+        # standard error (of the per-sample differences) of the least one seen, else the first
+        # iterate (the closest to its start) of the best descent that is
+        if bool(fit(logits[ranked[0]], reference=best_terms, steps=jnp.asarray(0))[3]):
+            theta = logits[ranked[0]]
+        else:
+            theta = fit(logits[i], reference=best_terms, steps=jnp.asarray(steps))[4]
     return _grid_from_logits(process, theta, n, pin_t_min, dtype)

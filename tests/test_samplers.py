@@ -240,16 +240,17 @@ def test_same_grid_length_compiles_once_and_traces_do_not_grow_with_steps():
 
     x_T = prior(EDM_, 4, seed=8)
     jaxdiff.sample(EDM_HEUN, denoise, x_T, schedules.karras(EDM_, 5))
-    assert len(traces) == 3  # 2 calls in the scan body + the final x0_hat
+    # 2 calls in the scan body, 2 in the peeled last step, 1 in its final step into 0
+    assert len(traces) == 5
     # Other grid values, same length and dtype: no new trace, no new XLA compilation.
     grids = [schedules.log_snr_uniform(EDM_, 5), schedules.uniform(EDM_, 5)]
     with backend_compilations() as compiled:
         for ts in grids:
             jaxdiff.sample(EDM_HEUN, denoise, x_T, ts)
-    assert len(traces) == 3 and compiled == [], compiled
+    assert len(traces) == 5 and compiled == [], compiled
     for ts in (schedules.karras(EDM_, 50), schedules.uniform(EDM_, 50)):
         jaxdiff.sample(EDM_HEUN, denoise, x_T, ts)
-    assert len(traces) == 6  # 50 steps trace the denoiser as often as 5 steps (one new program)
+    assert len(traces) == 10  # 50 steps trace the denoiser as often as 5 steps (one new program)
 
 
 def test_program_size_does_not_grow_with_steps():

@@ -344,31 +344,43 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory):
 
     def body(carry, i):
         x, state = carry
-        x_next, state, x0, nfe = _step_or_final(sampler, denoise, x, state, ts, i, key)
-        out = (x_next, x0.astype(dtype)) if save_trajectory else None
+        x_next, state, x0, nfe = _ordinary(sampler, denoise, x, state, ts, i, key)
+        out = (x_next, x0) if save_trajectory else None
         return (x_next, state), (out, nfe)
 
+    if n == 0:  # a one-point grid (encode's when it inverts only the final step): no step
+        empty = jnp.zeros((0, *x_T.shape), dtype)
+        traj = (x_T[None], empty) if save_trajectory else (None, None)
+        return SampleResult(x_T, *traj, jnp.asarray(0, jnp.int32))
+    # steps 0 .. n - 2 in the scan; the last one peeled off, so that the choice between an
+    # ordinary step and the final step into 0 is made once, not inside every step of the loop
     init = (x_T, sampler.init(x_T, ts))
-    (x, _), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(n))
+    (x, state), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(n - 1))
+    x_last, _, x0_last, nfe_last = _last_step(sampler, denoise, x, state, ts, n - 1, key)
+    nfe = jnp.sum(nfes) + nfe_last
     if not save_trajectory:
-        return SampleResult(x, None, None, jnp.sum(nfes))
-    return SampleResult(x, jnp.concatenate([x_T[None], traj[0]]), traj[1], jnp.sum(nfes))
+        return SampleResult(x_last, None, None, nfe)
+    xs = jnp.concatenate([x_T[None], traj[0], x_last[None]])
+    return SampleResult(x_last, xs, jnp.concatenate([traj[1], x0_last[None]]), nfe)
 
 
-def _step_or_final(sampler, denoise, x, state, ts, i, key):
-    """Step ``i``; the last step of a grid ending at 0 is ``sampler.final`` (decided at run time).
+def _ordinary(sampler, denoise, x, state, ts, i, key):
+    """Step ``i`` of the scan, in ``x``'s dtype, with its NFE as an int32."""
+    x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, jax.random.fold_in(key, i))
+    return x_next.astype(x.dtype), state, x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
+
+
+def _last_step(sampler, denoise, x, state, ts, i, key):
+    """The last step ``i``: ``sampler.final`` if the grid ends at 0 (decided at run time).
 
     Both branches are traced once, so grids ending at 0 or at ``t_min`` share one program.
     """
-    key = jax.random.fold_in(key, i)
 
     def ordinary(x, state):
-        x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, key)
-        return x_next.astype(x.dtype), state, x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
+        return _ordinary(sampler, denoise, x, state, ts, i, key)
 
     def to_zero(x, state):
-        x0 = sampler.final(denoise, x, state, ts, key).astype(x.dtype)
+        x0 = sampler.final(denoise, x, state, ts, jax.random.fold_in(key, i)).astype(x.dtype)
         return x0, state, x0, jnp.asarray(1, jnp.int32)
 
-    last_to_zero = (i == ts.shape[0] - 2) & (ts[-1] == 0)
-    return jax.lax.cond(last_to_zero, to_zero, ordinary, x, state)
+    return jax.lax.cond(ts[-1] == 0, to_zero, ordinary, x, state)
