@@ -214,6 +214,40 @@ def hand_written_heun(denoise, n):
     return jax.jit(lambda x: denoise(jax.lax.scan(body, x, jnp.arange(n - 1))[0], ts[n - 1]))
 
 
+def hand_written_dpm_solver_pp_2m(denoise, n):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) as a bare scan for EDM, its coefficients
+    computed before the loop: the floor of a multistep sampler's own arithmetic (n steps, the
+    last one the denoiser's output at t_min)."""
+    ts = schedules.karras(PROCESS, n, dtype=jnp.float32)
+    h = jnp.log(ts[:-2]) - jnp.log(ts[1:-1])  # log-SNR gaps of the n - 1 ordinary steps
+    ratio, b = ts[1:-1] / ts[:-2], -jnp.expm1(-h)
+    r = jnp.concatenate([jnp.ones(1, h.dtype), h[:-1] / h[1:]])  # h_prev / h
+    c = jnp.where(jnp.arange(n - 1) > 0, b / (2.0 * r), 0.0)  # first step: DDIM
+
+    def body(carry, i):
+        x, prev = carry
+        d = denoise(x, ts[i])
+        return (ratio[i] * x + b[i] * d + c[i] * (d - prev), d), None
+
+    def sample(x):
+        x, _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(n - 1))[0]
+        return denoise(x, ts[n - 1])
+
+    return jax.jit(sample)
+
+
+def dpm_solver_pp_2m_against_hand_written(denoise, x, repeats, n=20):
+    """Min times of jaxdiff's DPM-Solver++(2M), the hand-written scan and the bare loop (NFE n)."""
+    ts = schedules.karras(PROCESS, n, dtype=x.dtype)
+    ours = jax.jit(lambda x: jaxdiff.sample(S.dpm_solver_pp(PROCESS, 2), denoise, x, ts).x)
+    fns = [
+        ours,
+        hand_written_dpm_solver_pp_2m(denoise, n),
+        baseline_loop(denoise, x, n, False, None),
+    ]
+    return interleaved_min([lambda f=f: f(x).block_until_ready() for f in fns], repeats)
+
+
 def heun_against_hand_written(denoise, x, repeats, n=25):
     """Min times of jaxdiff's heun, the hand-written scan and the bare loop, at NFE 2n - 1."""
     ts = schedules.karras(PROCESS, n, dtype=x.dtype)
@@ -275,6 +309,8 @@ def run(quick: bool):
         print(f"[{den_name}] one denoiser call: {t_den * 1e6:.0f} us (min)", flush=True)
         heun_ms = [1e3 * v for v in heun_against_hand_written(denoise, x_T, 3 * repeats)]
         print(f"  heun / hand-written / loop at NFE 49: {heun_ms} ms", flush=True)
+        dpm_ms = [1e3 * v for v in dpm_solver_pp_2m_against_hand_written(denoise, x_T, 3 * repeats)]
+        print(f"  dpm_solver_pp_2m / hand-written / loop at NFE 20: {dpm_ms} ms", flush=True)
         for name in REBUILT:
             nfe, compiled, api_s, jit_s, loop_s = rebuilt_each_call(
                 SAMPLERS[name], denoise, x_T, 3 * repeats
@@ -318,6 +354,7 @@ def run(quick: bool):
                         denoiser_us=t_den * 1e6,
                         denoiser_med_us=t_den_med * 1e6,
                         heun_ms=heun_ms,
+                        dpm_ms=dpm_ms,
                     )
                 )
                 r = rows[-1]
@@ -401,12 +438,18 @@ def plot(rows, path):
 
 
 def heun_note(rows, den_name):
-    """Where the overhead of a two-call step comes from: jaxdiff's heun against a bare scan."""
+    """Where the overhead of a step comes from: jaxdiff's Heun and DPM-Solver++(2M) against
+    hand-written scans of the same methods and a bare scan of their denoiser calls."""
     ours, hand, loop = next(r["heun_ms"] for r in rows if r["denoiser"] == den_name)
+    d_ours, d_hand, d_loop = next(r["dpm_ms"] for r in rows if r["denoiser"] == den_name)
     return (
         f"Heun at NFE 49 (min): jaxdiff {ours:.2f} ms, the same method as a hand-written scan "
-        f"{hand:.2f} ms, a bare loop of 49 denoiser calls {loop:.2f} ms: what Heun adds to its "
-        "calls is its own arithmetic, not the library's."
+        f"{hand:.2f} ms, a bare loop of 49 denoiser calls {loop:.2f} ms. DPM-Solver++(2M) at "
+        f"NFE 20: jaxdiff {d_ours:.3f} ms ({d_ours / d_loop:.2f}x the bare loop), a hand-written "
+        f"scan with its coefficients computed before the loop {d_hand:.3f} ms "
+        f"({d_hand / d_loop:.2f}x), the bare loop {d_loop:.3f} ms: what a sampler adds to its "
+        "calls beyond the hand-written method is the library's cost; the rest is the method's "
+        "own arithmetic."
     )
 
 
@@ -443,8 +486,10 @@ def section(rows, rebuilt, quick, elapsed):
         "ratios: *overhead* below 1 (mixture) means a single jitted call is dominated by its "
         "dispatch, which a scan does not pay; *overhead* near 1.2 with *vs loop* near 1 (MLP) "
         "means the denoiser itself runs slower inside a loop than alone, which no sampler can "
-        "change; *vs loop* above 1.1 on the mixture (about 40 us a call in a loop) is the "
-        "per-step arithmetic of the method (Heun, singlestep DPM-Solver, UniPC's corrector).",
+        "change; *vs loop* above 1.1 on the mixture (about 12 us a call in a loop, so that a "
+        "few us of a method's own arithmetic per step show) is the per-step arithmetic of the "
+        "method (multistep histories, Heun, singlestep DPM-Solver, UniPC's corrector): the "
+        "hand-written scans above each table show that floor.",
         "",
     ]
     for d in DENOISERS:
@@ -491,6 +536,8 @@ class Args:
     """NFE 10 and 20, 5 repeats."""
     out: str = str(HERE)
     """Folder for RESULTS.md and the plot."""
+    frontier: bool = True
+    """Also run the few-step frontier (``benchmarks/frontier.py``: the best recipe per NFE)."""
 
 
 def main(argv=None):
@@ -504,6 +551,10 @@ def main(argv=None):
     print(md)
     results = write_section("samplers", md, out / "RESULTS.md")
     print(f"wrote {results} and {out / 'samplers_error.png'}")
+    if args.frontier:
+        import frontier
+
+        frontier.main(["--out", str(out), *(["--quick"] if args.quick else [])])
 
 
 if __name__ == "__main__":

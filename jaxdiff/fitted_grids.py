@@ -455,8 +455,8 @@ def _candidates(process, init, n, dtype):
         init = [uniform, log_snr_uniform]
         init += [functools.partial(polynomial, power=p) for p in (1.5, 2.0, 3.0)]
         init += [functools.partial(karras, rho=r) for r in (3.0, 5.0, 7.0)]
-    elif callable(init) or jnp.ndim(init) == 1:
-        init = [init]
+    elif callable(init) or not isinstance(init, list | tuple) or jnp.ndim(init[0]) == 0:
+        init = [init]  # one grid or one schedule function (a list of grids and functions: many)
     if len(init) == 0:
         raise ValueError("init must hold at least one grid or schedule function.")
     return [jnp.asarray(g(process, n) if callable(g) else g, dtype) for g in init]

@@ -185,4 +185,7 @@ def test_optimize_compiles_once_for_repeated_calls():
     with compilations() as compiled:
         again = schedules.optimize(sampler, den, WARM, 4, **kwargs | {"steps": 5, "lr": 0.2})
     assert compiled == [], compiled  # new step count and learning rate: traced, no recompile
+    # init: a list mixing a grid and a schedule function (both are starts)
+    mixed = schedules.optimize(sampler, den, WARM, 4, **kwargs | {"init": [first, karras]})
+    assert mixed.shape == (5,) and bool(jnp.all(jnp.diff(mixed) < 0))
     assert first.shape == again.shape == (5,) and bool(jnp.all(jnp.diff(again) < 0))
