@@ -88,6 +88,7 @@ SAMPLERS = (
     SamplerSpec("DDIM on GITS", "ddim", _gits, fitted=True),
 )
 WARMUP = 64  # warm-up samples of the GITS grid (Chen et al. 2024 use a few hundred)
+FAST_WARMUP = 16  # in the fast mode (its cost matrix of 120 x 120 DDIM steps dominated the run)
 DIFFRAX_RTOLS = (1e-1, 1e-2, 1e-3)
 
 
@@ -98,10 +99,10 @@ def _train_config(c: DemoConfig) -> configs.Config:
         steps = c.steps or (300 if c.fast else 3000)
         base = configs.get_preset("toy2d")
         return dataclasses.replace(
-            base, workdir=workdir, steps=steps, batch_size=512, lr=2e-3, warmup=min(100, steps // 10),
-            lr_schedule="cosine", loss="v", prediction="v",
+            base, workdir=workdir, steps=steps, batch_size=128 if c.fast else 512, lr=2e-3,
+            warmup=min(100, steps // 10), lr_schedule="cosine", loss="v", prediction="v",
             ema_decay=0.995, log_every=100, sample_every=steps, checkpoint_every=steps,
-            num_samples=1000, seed=c.seed,
+            num_samples=100 if c.fast else 1000, seed=c.seed,
         )  # fmt: skip
     steps = c.steps or (50 if c.fast else 2000)
     base = configs.get_preset("digits")
@@ -112,6 +113,11 @@ def _train_config(c: DemoConfig) -> configs.Config:
         base, workdir=workdir, steps=steps, model=model, log_every=50, sample_every=steps,
         checkpoint_every=steps, num_samples=100, seed=c.seed,
     )  # fmt: skip
+
+
+def _warmup(c: DemoConfig) -> int:
+    """The number of warm-up samples of the GITS grid."""
+    return FAST_WARMUP if c.fast else WARMUP
 
 
 def _workdir(c: DemoConfig) -> str:
@@ -380,8 +386,8 @@ def write_report(out: Path, c: DemoConfig, train_cfg, rows, quality_name, stats,
     lines += [
         "",
         "Grids: DDPM and DDIM time-uniform, Heun and iPNDM Karras (rho = 7), DPM-Solvers "
-        "log-SNR uniform; every grid ends at t = 0 with the denoiser's output. DDIM on GITS: "
-        f"the grid chosen by dynamic programming from {WARMUP} other warm-up samples (Chen et al. "
+        "log-SNR uniform; every grid ends at t = 0 with the denoiser's output. DDIM on GITS: the "
+        f"grid chosen by dynamic programming from {_warmup(c)} other warm-up samples (Chen et al. "
         "2024; `jaxdiff.schedules.gits`, fitting time not counted). The diffrax row "
         "counts 6 evaluations per Tsit5 step plus the first and the final denoiser call. "
         "Heun and DPM-Solver-3 at NFE <= 5 take only 2-3 steps, too few for a high-order "
@@ -424,8 +430,8 @@ def run_demo(c: DemoConfig) -> dict:
     quality = Quality(c.preset, reference)
     nfes = (10,) if c.fast else c.nfes
     rtols = (1e-2,) if c.fast else DIFFRAX_RTOLS
-    warm = run.process.prior_sample((WARMUP, *run.shape), key=jax.random.fold_in(key, 3))
-    warmup = (common.run_denoiser(run, labels=common.null_labels(run, WARMUP)), warm)
+    warm = run.process.prior_sample((_warmup(c), *run.shape), key=jax.random.fold_in(key, 3))
+    warmup = (common.run_denoiser(run, labels=common.null_labels(run, _warmup(c))), warm)
     rows, samples = compare_samplers(
         run.process, denoise, x_T, nfes, quality, key=jax.random.fold_in(key, 2), rtols=rtols,
         warmup=warmup,

@@ -98,14 +98,15 @@ plt.show()
 
 # %%
 train_set = data.toy_2d("gaussian_mixture", 20_000, seed=0)
-steps = 200 if FAST else 3000
+steps = 100 if FAST else 3000
 model = jaxdiff.nets.MLP(2, hidden=128, depth=3, num_classes=8, rngs=nnx.Rngs(0))
-opt = training.make_optimizer(2e-3, warmup=100, decay_steps=steps)
+opt = training.make_optimizer(2e-3, warmup=steps // 30, decay_steps=steps)
 state, graphdef, rest = training.init_train_state(model, opt, key=jax.random.key(1))
 step = training.make_train_step(
     graphdef, losses.eps_loss, process, opt, rest=rest, ema_decay=0.995, p_uncond=0.1, null_class=8
 )
-it = data.make_iterator(train_set, 512, seed=0, labels=True)
+batch = 256 if FAST else 512
+it = data.make_iterator(train_set, batch, seed=0, labels=True)
 for _ in range(steps):
     state, m = step(state, next(it))
 print("final loss", float(m["loss"]))

@@ -62,7 +62,7 @@ from jaxdiff import analytic, discrete, samplers, schedules
 
 jax.config.update("jax_enable_x64", True)
 FAST = os.environ.get("JAXDIFF_FAST", "0") == "1"
-BATCH = 1000 if FAST else 10000
+BATCH = 500 if FAST else 10000
 key = jax.random.key(0)
 
 # %% [markdown]

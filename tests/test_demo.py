@@ -9,7 +9,7 @@ from experiments import demo
 
 def test_demo_fast_writes_outputs_and_numbers(tmp_path):
     out = tmp_path / "demo"
-    result = demo.run_demo(demo.DemoConfig(workdir=str(out), fast=True, steps=100, num_samples=128))
+    result = demo.run_demo(demo.DemoConfig(workdir=str(out), fast=True, steps=50, num_samples=128))
     labels = {r["sampler"] for r in result["rows"]}
     assert labels == {s.label for s in demo.SAMPLERS} | {"PF-ODE (diffrax Tsit5)"}
     # exact NFE accounting: DDIM on n steps uses n evaluations, Heun 2n - 1, DPM-Solver-3 3n - 2

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from _xla import OPTIMIZED
 
 import jaxdiff
 from jaxdiff import discrete as D
@@ -223,15 +224,17 @@ def test_many_steps_approach_the_reverse_sde():
     x_T = jax.random.normal(KEY, (n, 2))
     ts = D.grid(ddpm)
     denoise = TARGET.denoiser(ddpm)
+    # 2 x 1000 steps on 20,000 points: running dominates, not compiling (see tests/_xla.py)
     outs = [
-        np.asarray(jaxdiff.sample(s, denoise, x_T, ts, key=jax.random.key(i)).x)
+        np.asarray(jax.jit(lambda k, s=s: jaxdiff.sample(s, denoise, x_T, ts, key=k).x,
+                           compiler_options=OPTIMIZED)(jax.random.key(i)))
         for i, s in enumerate(
             [
                 jaxdiff.samplers.discrete_ddpm(ddpm, D.FixedLarge()),
                 jaxdiff.samplers.euler_maruyama(ddpm),
             ]
         )
-    ]
+    ]  # fmt: skip
     se = np.sqrt(np.diag(COV) / n)
     se_cov = np.sqrt((np.outer(np.diag(COV), np.diag(COV)) + COV**2) / n)
     for x in outs:

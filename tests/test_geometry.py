@@ -316,6 +316,17 @@ def test_propagation_weight_is_exact_for_gaussian_data(process):
         np.testing.assert_allclose(ratio, weights[j], rtol=5e-4)
 
 
+EPS_ERROR_W = jax.random.normal(jax.random.key(5), (8, 8), jnp.float64) / np.sqrt(8)
+
+
+def _den_with_eps_error(x, t):
+    """The mixture's denoiser on VP with the error of an eps-prediction network (module level:
+    both step counts below reuse the compiled teacher and cost matrix)."""
+    t = jnp.broadcast_to(t, x.shape[:1])[:, None]
+    eps_error = 0.05 * jnp.sin(3 * x @ EPS_ERROR_W)
+    return MIX.posterior_mean(VP, x, t[:, 0]) - VP.sigma(t) / VP.alpha(t) * eps_error
+
+
 @pytest.mark.parametrize("nfe", [5, 8])
 def test_gits_propagated_error_with_an_eps_prediction_error(nfe):
     # An eps-prediction network's error is multiplied by sigma / alpha in its denoiser; emulated on
@@ -324,13 +335,7 @@ def test_gits_propagated_error_with_an_eps_prediction_error(nfe):
     # propagated cost wins. Measured (DDIM, 32 warm-up, 64 held-out samples, 200-step teacher),
     # local / propagated / best of uniform, log-SNR, Karras: NFE 5: 2.10 / 1.32 / 1.40;
     # NFE 8: 1.49 / 0.67 / 0.77.
-    w = jax.random.normal(jax.random.key(5), (8, 8), jnp.float64) / np.sqrt(8)
-
-    def den(x, t):
-        t = jnp.broadcast_to(t, x.shape[:1])[:, None]
-        eps_error = 0.05 * jnp.sin(3 * x @ w)
-        return MIX.posterior_mean(VP, x, t[:, 0]) - VP.sigma(t) / VP.alpha(t) * eps_error
-
+    den = _den_with_eps_error
     noise = VP.prior_sample((96, 8), key=jax.random.key(0), dtype=jnp.float64)
     fine = schedules.log_snr_uniform(VP, 200, dtype=jnp.float64)
     ref = schedules.fine_trajectory(VP, den, noise, fine)[-1]

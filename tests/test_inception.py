@@ -9,11 +9,25 @@ moving statistics, i.e. 17,216 BN channels and 21,751,136 conv weights).
 """
 
 import fid_reference  # tests/fid_reference.py: the pytorch-fid reference generator
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _xla import OPTIMIZED
 
 from jaxdiff import inception, metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def optimized_inception():
+    """Running the 299x299 network, not compiling it, dominates this file (three times faster
+    with LLVM's optimizations, see tests/_xla.py)."""
+    fast = jax.jit(
+        inception.inception_features, static_argnames="resize_to", compiler_options=OPTIMIZED
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "_features_jit", fast)
+        yield
 
 
 def random_state_dict(seed=0):

@@ -1,12 +1,15 @@
 """Forward processes: the SDE coefficients, the log-SNR inverse, the conditional ODE and the
 forward SDE agree with alpha and sigma; float32 is safe over the whole time range."""
 
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _xla import OPTIMIZED
 from scipy.stats import norm
 
 import jaxdiff
@@ -135,7 +138,7 @@ def test_conditional_ode_follows_gaussian_path(process, ode_endpoints):
     np.testing.assert_allclose(x_b, process.marginal(X0, EPS, t_b), rtol=0, atol=1e-8 * scale)
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=OPTIMIZED)  # runs for seconds: see tests/_xla.py
 def euler_maruyama(x, f, g, dt, key):
     """Forward SDE dx = f x dt + g dW with coefficient arrays ``f``, ``g`` given per step."""
 

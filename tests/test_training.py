@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _xla import OPTIMIZED
 from flax import nnx
 
 import jaxdiff
@@ -133,6 +134,7 @@ def test_short_training_on_moons_beats_untrained():
     state, graphdef, rest, step = _setup(
         lr=3e-3, warmup=20, hidden=64, decay_steps=steps, clip=1.0, ema_decay=0.99
     )
+    step = jax.jit(step, compiler_options=OPTIMIZED)  # 1500 steps run for seconds: tests/_xla.py
     untrained = state.params
     untrained = jax.tree.map(jnp.copy, untrained)
     it = data.make_iterator(data.toy_2d("moons", 8192, seed=0), 256, seed=0, labels=False)
