@@ -13,7 +13,10 @@ least disturbed by other jobs on a shared CPU, is used for the ratios):
 - ``api``: one call of ``jaxdiff.sample`` itself (input checks and dispatch included);
 - ``overhead``: time / (NFE x time of one jitted denoiser call), the cost of everything that is
   not the denoiser (target <= 1.1); ``vs loop``: time / time of a bare ``lax.scan`` of NFE
-  denoiser calls, which leaves out the dispatch cost included in a single call;
+  denoiser calls, which leaves out the dispatch cost included in a single call; ``vs floor``:
+  time / time of the cheapest scan of NFE denoiser calls that carries as many arrays like ``x``
+  as the sampler's state (``floor_loop``), what the sampler adds beyond its history (target
+  <= 1.1);
 - ``compile``: tracing + compilation of the sampling program (should not grow with NFE: the
   steps are one ``lax.scan``);
 - *sampler rebuilt each call*: a new sampler object every call, as a script or the README's tour
@@ -78,6 +81,13 @@ SAMPLERS = {
     "euler_maruyama": S.euler_maruyama,
     "dpm_solver_pp_sde": S.dpm_solver_pp_sde,
     "predictor_corrector": lambda p: S.predictor_corrector(p, S.euler_maruyama(p)),
+    "lms": S.lms,
+    "deis": S.deis,
+    "unipc_3": functools.partial(S.unipc, order=3),
+    "dpm_solver_pp_2s": functools.partial(S.dpm_solver_pp_singlestep, order=2),
+    "dpm_solver_pp_3s": functools.partial(S.dpm_solver_pp_singlestep, order=3),
+    "euler_ancestral": lambda p: S.ancestral(S.euler(p)),
+    "dpm_solver_pp_3m_sde": functools.partial(S.dpm_solver_pp_sde, order=3),
 }
 REBUILT = ("ddim", "heun", "dpm_solver_pp_2m")  # the "sampler rebuilt each call" rows
 REBUILT_NFE = 50
@@ -187,6 +197,44 @@ def baseline_loop(denoise, x, nfe, stochastic, key):
     return jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(nfe))[0])
 
 
+def history_size(sampler, x, ts) -> int:
+    """How many arrays like ``x`` the sampler's state holds (its multistep history)."""
+    state = jax.eval_shape(lambda: sampler.init(x, ts))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state)) // x.size
+
+
+def floor_loop(denoise, x, nfe, stochastic, key, history):
+    """The cheapest scan of ``nfe`` denoiser calls that carries ``history`` arrays like ``x``:
+    ``x <- a x + b D(x) + sum_j c_j H_j`` with every coefficient computed before the loop, the
+    newest output pushed into the history (a sampler's state at zero overhead).
+
+    On a cheap denoiser carrying the history is itself a cost no sampler avoids (XLA:CPU keeps
+    the output in a buffer of its own and copies the loop's carry). ``history = 0`` is the bare
+    loop plus the one fused update every sampler makes. Stochastic: one normal draw per call.
+    """
+    ts = jnp.linspace(PROCESS.t_max, PROCESS.t_min, nfe).astype(x.dtype)
+    a = jnp.linspace(0.5, 0.9, nfe, dtype=x.dtype)
+    c = jnp.linspace(0.01, 0.1, nfe * max(history, 1), dtype=x.dtype).reshape(nfe, -1)
+
+    def body(carry, i):
+        x, hist = carry
+        d = denoise(x, ts[i])
+        x_next = a[i] * x + (1.0 - a[i]) * d
+        for j in range(history):
+            x_next = x_next + c[i, j] * hist[j]
+        if stochastic:
+            x_next = x_next + 1e-3 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        if history:
+            hist = jnp.concatenate([d[None], hist[:-1]])
+        return (x_next, hist), None
+
+    def run(x):
+        init = (x, jnp.zeros((history, *x.shape), x.dtype))
+        return jax.lax.scan(body, init, jnp.arange(nfe))[0][0]
+
+    return jax.jit(run)
+
+
 def interleaved_min(fns, repeats):
     """Minimum wall time of each blocking ``fn``, calling them in turn (same load for each)."""
     for fn in fns:
@@ -259,23 +307,27 @@ def heun_against_hand_written(denoise, x, repeats, n=25):
 def rebuilt_each_call(factory, denoise, x_T, repeats):
     """A sampler built anew for every call, at NFE ~ ``REBUILT_NFE``, run through
     ``jaxdiff.sample`` itself and as the argument of one ``jax.jit``-ed function: ``(nfe,
-    compilations after the first calls, min time of each, min time of the bare loop)``."""
+    compilations after the first calls, min time of each, min time of the bare loop, of the
+    floor loop (:func:`floor_loop`), of building the sampler alone)``."""
     n = factory(PROCESS).steps_for_nfe(REBUILT_NFE)
     nfe = factory(PROCESS).nfe(n)
     ts = schedules.karras(PROCESS, n, dtype=x_T.dtype)
     key = jax.random.key(0)  # a traced hyperparameter (DDIM's eta) is not known to be 0
     program = jax.jit(lambda sampler, x: jaxdiff.sample(sampler, denoise, x, ts, key=key).x)
     loop = baseline_loop(denoise, x_T, nfe, False, None)
+    floor = floor_loop(denoise, x_T, nfe, False, None, history_size(factory(PROCESS), x_T, ts))
     fns = [
         lambda: jaxdiff.sample(factory(PROCESS), denoise, x_T, ts).x.block_until_ready(),
         lambda: program(factory(PROCESS), x_T).block_until_ready(),
         lambda: loop(x_T).block_until_ready(),
+        lambda: floor(x_T).block_until_ready(),
     ]
     for fn in fns:
         fn()  # the first calls compile
     with compilations() as compiled:
-        api_s, jit_s, loop_s = interleaved_min(fns, repeats)
-    return nfe, len(compiled), api_s, jit_s, loop_s
+        api_s, jit_s, loop_s, floor_s = interleaved_min(fns, repeats)
+    build_s = timings(lambda: factory(PROCESS), 20 * repeats)[1]
+    return nfe, len(compiled), api_s, jit_s, loop_s, floor_s, build_s
 
 
 def bench_one(sampler, denoise, x_T, n, repeats, key):
@@ -287,12 +339,15 @@ def bench_one(sampler, denoise, x_T, n, repeats, key):
     compile_s = time.perf_counter() - start
     run = lambda: compiled(x_T).block_until_ready()
     run_med, _ = timings(run, repeats)
-    loop = baseline_loop(denoise, x_T, sampler.nfe(n), sampler.stochastic, key)
-    run_min, loop_min = interleaved_min([run, lambda: loop(x_T).block_until_ready()], repeats)
+    nfe, stochastic = sampler.nfe(n), sampler.stochastic
+    loop = baseline_loop(denoise, x_T, nfe, stochastic, key)
+    floor = floor_loop(denoise, x_T, nfe, stochastic, key, history_size(sampler, x_T, ts))
+    fns = [run, lambda: loop(x_T).block_until_ready(), lambda: floor(x_T).block_until_ready()]
+    run_min, loop_min, floor_min = interleaved_min(fns, repeats)
     api = lambda: jaxdiff.sample(sampler, denoise, x_T, ts, key=key).x.block_until_ready()
     api_s = timings(api, repeats)[0]
     result = jaxdiff.sample(sampler, denoise, x_T, ts, key=key)
-    return compile_s, run_med, run_min, loop_min, api_s, result
+    return compile_s, run_med, run_min, loop_min, floor_min, api_s, result
 
 
 def run(quick: bool):
@@ -312,13 +367,14 @@ def run(quick: bool):
         dpm_ms = [1e3 * v for v in dpm_solver_pp_2m_against_hand_written(denoise, x_T, 3 * repeats)]
         print(f"  dpm_solver_pp_2m / hand-written / loop at NFE 20: {dpm_ms} ms", flush=True)
         for name in REBUILT:
-            nfe, compiled, api_s, jit_s, loop_s = rebuilt_each_call(
+            nfe, compiled, api_s, jit_s, loop_s, floor_s, build_s = rebuilt_each_call(
                 SAMPLERS[name], denoise, x_T, 3 * repeats
             )
             rebuilt.append(
                 dict(denoiser=den_name, sampler=name, nfe=nfe, compiles=compiled,
                      calls=2 * (3 * repeats + 1), api_ms=api_s * 1e3, jit_ms=jit_s * 1e3,
-                     loop_ms=loop_s * 1e3, vs_loop=jit_s / loop_s)
+                     loop_ms=loop_s * 1e3, vs_loop=jit_s / loop_s, vs_floor=jit_s / floor_s,
+                     build_us=build_s * 1e6)
             )  # fmt: skip
             print(
                 f"  rebuilt each call: {name:18s} NFE {nfe:3d}  jit {jit_s * 1e3:8.2f} ms (vs loop "
@@ -329,7 +385,7 @@ def run(quick: bool):
             sampler = factory(PROCESS)
             for target in targets:
                 n = sampler.steps_for_nfe(target)
-                compile_s, run_med, run_s, loop_s, api_s, res = bench_one(
+                compile_s, run_med, run_s, loop_s, floor_s, api_s, res = bench_one(
                     sampler, denoise, x_T, n, repeats, key
                 )
                 nfe = int(res.nfe)
@@ -349,6 +405,8 @@ def run(quick: bool):
                         api_ms=api_s * 1e3,
                         overhead=run_s / (nfe * t_den),
                         vs_loop=run_s / loop_s,
+                        vs_floor=run_s / floor_s,
+                        history=history_size(sampler, x_T, schedules.karras(PROCESS, n)),
                         compile_s=compile_s,
                         error=err,
                         denoiser_us=t_den * 1e6,
@@ -360,7 +418,8 @@ def run(quick: bool):
                 r = rows[-1]
                 print(
                     f"  {name:18s} NFE {nfe:3d}  {r['time_ms']:8.2f} ms  overhead "
-                    f"{r['overhead']:.2f} (vs loop {r['vs_loop']:.2f})  compile {compile_s:.2f} s  "
+                    f"{r['overhead']:.2f} (vs loop {r['vs_loop']:.2f}, vs floor "
+                    f"{r['vs_floor']:.2f})  compile {compile_s:.2f} s  "
                     f"error "
                     f"{'-' if err is None else f'{err:.2e}'}",
                     flush=True,
@@ -371,11 +430,11 @@ def run(quick: bool):
 # --- report ------------------------------------------------------------------------------------
 def table(rows, den_name):
     header = ["sampler", "target NFE", "steps", "NFE", "time (ms)", "min (ms)", "api (ms)"]
-    header += ["overhead", "vs loop", "compile (s)", "RMSE vs ODE"]
+    header += ["overhead", "vs loop", "history", "vs floor", "compile (s)", "RMSE vs ODE"]
     cells = [
         [r["sampler"], r["target"], r["steps"], r["nfe"], f"{r['time_ms']:.2f}",
          f"{r['min_ms']:.2f}", f"{r['api_ms']:.2f}", f"{r['overhead']:.2f}",
-         f"{r['vs_loop']:.2f}", f"{r['compile_s']:.2f}",
+         f"{r['vs_loop']:.2f}", r["history"], f"{r['vs_floor']:.2f}", f"{r['compile_s']:.2f}",
          "" if r["error"] is None else f"{r['error']:.2e}"]
         for r in rows
         if r["denoiser"] == den_name
@@ -386,10 +445,11 @@ def table(rows, den_name):
 def rebuilt_table(rebuilt, den_name):
     """The "sampler rebuilt each call" rows: compilations after the first calls, times vs loop."""
     header = ["sampler rebuilt each call", "NFE", "compilations", "jit (ms)", "bare scan (ms)"]
-    header += ["vs loop", "`jaxdiff.sample` (ms)"]
+    header += ["vs loop", "vs floor", "building it (us)", "`jaxdiff.sample` (ms)"]
     cells = [
         [r["sampler"], r["nfe"], f"{r['compiles']} in {r['calls']} calls", f"{r['jit_ms']:.2f}",
-         f"{r['loop_ms']:.2f}", f"{r['vs_loop']:.2f}", f"{r['api_ms']:.2f}"]
+         f"{r['loop_ms']:.2f}", f"{r['vs_loop']:.2f}", f"{r['vs_floor']:.2f}",
+         f"{r['build_us']:.0f}", f"{r['api_ms']:.2f}"]
         for r in rebuilt
         if r["denoiser"] == den_name
     ]  # fmt: skip
@@ -453,6 +513,19 @@ def heun_note(rows, den_name):
     )
 
 
+def floor_note(rows, den_name):
+    """The largest *vs floor* and *vs loop* of the table, with their samplers."""
+    mine = [r for r in rows if r["denoiser"] == den_name]
+    if not mine:
+        return ""
+    f = max(mine, key=lambda r: r["vs_floor"])
+    lo = max(mine, key=lambda r: r["vs_loop"])
+    return (
+        f"Largest *vs floor*: {f['vs_floor']:.2f} ({f['sampler']}, NFE {f['nfe']}); largest *vs "
+        f"loop*: {lo['vs_loop']:.2f} ({lo['sampler']}, NFE {lo['nfe']})."
+    )
+
+
 def section(rows, rebuilt, quick, elapsed):
     targets = sorted({r["target"] for r in rows})
     den_us = {
@@ -479,17 +552,21 @@ def section(rows, rebuilt, quick, elapsed):
         "denoiser call, dispatch included); *vs loop* = min / minimum of a bare `lax.scan` of "
         "NFE denoiser calls, timed in turn with the sampler (plus one normal draw per call for "
         "stochastic samplers): the cost of everything a sampler adds to its denoiser calls; "
-        "*compile*: trace + "
-        "compile of the program; *RMSE vs ODE*: root-mean-square error per coordinate against "
-        "the probability-flow ODE solved by diffrax (Dopri8, tol 1e-10, float64), blank for "
-        "stochastic samplers. See the docstring of `benchmarks/samplers.py`. Reading the "
+        "*history*: how many arrays like x the sampler's state carries (multistep outputs); "
+        "*vs floor* = min / minimum of the cheapest scan that carries that many arrays (the "
+        "same NFE, `x <- a x + b D(x) + sum_j c_j H_j` with every coefficient computed before "
+        "the loop: `floor_loop` in the benchmark), the sampler's own overhead; *compile*: "
+        "trace + compile of the program; *RMSE vs ODE*: root-mean-square error per coordinate "
+        "against the probability-flow ODE solved by diffrax (Dopri8, tol 1e-10, float64), blank "
+        "for stochastic samplers. See the docstring of `benchmarks/samplers.py`. Reading the "
         "ratios: *overhead* below 1 (mixture) means a single jitted call is dominated by its "
         "dispatch, which a scan does not pay; *overhead* near 1.2 with *vs loop* near 1 (MLP) "
         "means the denoiser itself runs slower inside a loop than alone, which no sampler can "
-        "change; *vs loop* above 1.1 on the mixture (about 12 us a call in a loop, so that a "
-        "few us of a method's own arithmetic per step show) is the per-step arithmetic of the "
-        "method (multistep histories, Heun, singlestep DPM-Solver, UniPC's corrector): the "
-        "hand-written scans above each table show that floor.",
+        "change. On the mixture (about 12 us a call in a loop) a multistep sampler's *vs loop* "
+        "of 1.2-1.4 is its history: the floor loop, which only carries the same number of "
+        "arrays, is itself 1.2-1.4x the bare loop there (XLA:CPU keeps the output in a buffer "
+        "of its own and copies the loop's carry, a few us a step), and the hand-written "
+        "DPM-Solver++(2M) above each table, all coefficients precomputed, is as slow.",
         "",
     ]
     for d in DENOISERS:
@@ -507,15 +584,19 @@ def section(rows, rebuilt, quick, elapsed):
             f"### {title}",
             "",
             f"One jitted denoiser call: {den_us[d][0]:.0f} us (min; median "
-            f"{den_us[d][1]:.0f} us).{worst_txt} {heun_note(rows, d)}",
+            f"{den_us[d][1]:.0f} us).{worst_txt} {floor_note(rows, d)} {heun_note(rows, d)}",
             "",
             table(rows, d),
             "",
             "A sampler built anew for every call (minimum times, in turn with a bare scan of the "
             "same NFE, after one first call each): passed to one `jax.jit`-ed function "
-            "(*jit*; *vs loop* = jit / bare scan) and to `jaxdiff.sample` itself (its eager "
-            "dispatch and grid checks included); *compilations*: XLA compilations counted with "
-            "`jax.monitoring` over all those later calls.",
+            "(*jit*; *vs loop* = jit / bare scan, *vs floor* = jit / floor loop) and to "
+            "`jaxdiff.sample` itself (its eager dispatch and grid checks included); "
+            "*compilations*: XLA compilations counted with `jax.monitoring` over all those later "
+            "calls; *building it*: the Python construction of the sampler alone, which *jit* "
+            "includes. With the sampler an argument its noise scale (DDIM's eta, Heun's churn) "
+            "is traced, so whether to draw noise is a `lax.cond` in every step: one program for "
+            "every value, a few us a step that show on the mixture and not on the MLP.",
             "",
             rebuilt_table(rebuilt, d),
             "",

@@ -450,3 +450,53 @@ def test_bad_arguments_raise():
     for sampler in (S.ancestral(S.euler(p)), S.dpm_solver_pp_sde(p, 3), S.annealed_langevin(p)):
         with pytest.raises(ValueError, match="is stochastic: pass key"):
             jaxdiff.sample(sampler, MIX.denoiser(p), prior(p, 2), schedules.uniform(p, 3))
+
+
+# --- coefficients computed before the scan -----------------------------------------------------
+COEFFICIENT_SAMPLERS = {
+    "dpm_solver_pp_2m": lambda p: S.dpm_solver_pp(p, 2),
+    "dpm_solver_pp_3m": lambda p: S.dpm_solver_pp(p, 3),
+    "sde_3m_eta_half": lambda p: S.dpm_solver_pp_sde(p, 3, eta=0.5),
+    "dpm_solver_pp_2s": lambda p: S.dpm_solver_pp_singlestep(p, 2),
+    "dpm_solver_pp_3s": lambda p: S.dpm_solver_pp_singlestep(p, 3),
+    "unipc_1": lambda p: S.unipc(p, 1),
+    "unipc_3": lambda p: S.unipc(p, 3),
+    "unipc_2_afs": lambda p: S.unipc(p, 2, afs=True),
+}
+
+
+@pytest.mark.parametrize("name", list(COEFFICIENT_SAMPLERS))
+def test_coefficients_before_the_scan_equal_the_step_computing_its_own(name):
+    # sample() computes sampler.coefficients for every step in one vectorized pass and hands
+    # each step its row; a wrapper calling step() itself (coef=None) gets the same numbers. A
+    # Python loop over step() with coef=None is that second path.
+    p = VP()
+    sampler = COEFFICIENT_SAMPLERS[name](p)
+    assert type(sampler).coefficients is not S.Sampler.coefficients
+    ts = schedules.log_snr_uniform(p, 7, dtype=jnp.float64)  # 6 steps: warm-up and final order
+    x_T, den = prior(p, 16), MIX.denoiser(p)
+    engine = jaxdiff.sample(sampler, den, x_T, ts, key=KEY, save_trajectory=True)
+    x, state = x_T, sampler.init(x_T, ts)
+    for i in range(len(ts) - 2):
+        x, state, _, _ = sampler.step(den, x, state, ts, i, jax.random.fold_in(KEY, i))
+        np.testing.assert_allclose(x, engine.xs[i + 1], rtol=1e-12, atol=1e-12)
+    final = sampler.final(den, x, state, ts, jax.random.fold_in(KEY, len(ts) - 2))
+    np.testing.assert_allclose(final, engine.x, rtol=1e-12, atol=1e-12)
+
+
+def test_samplers_without_coefficients_are_called_without_them():
+    # The protocol's default: no table, and step() is called with its six arguments only (a
+    # sampler written against the protocol before coefficients existed keeps working).
+    class Plain(S.OneCallSampler):
+        process: VP
+
+        def update(self, x, x0_hat, t, s, key):
+            return S.ddim_step(self.process, x, x0_hat, t, s)
+
+    p = VP()
+    assert Plain(p).coefficients(jnp.zeros(3), 0) is None
+    ts = schedules.uniform(p, 5, dtype=jnp.float64)
+    x_T = prior(p, 8)
+    ours = jaxdiff.sample(Plain(p), MIX.denoiser(p), x_T, ts).x
+    ref = jaxdiff.sample(S.ddim(p), MIX.denoiser(p), x_T, ts).x
+    np.testing.assert_array_equal(ours, ref)

@@ -11,6 +11,12 @@ its process and hyperparameters as fields and defines
 - ``final(denoise, x, state, ts, key) -> x0_hat``: the last step of a grid that ends at 0 (the
   EDM / k-diffusion convention: return the denoiser's output, one evaluation). Written once here;
   wrappers such as inpainting override it.
+- optionally ``coefficients(ts, i)``: the numbers of step ``i`` that depend on the grid only
+  (a NamedTuple of arrays). :func:`sample` computes them for all steps in one vectorized pass
+  before the scan and calls ``step(..., coef=row)``; ``step`` computes them itself when
+  ``coef`` is ``None`` (a wrapper calling it directly). The multistep and singlestep
+  DPM-Solver++ and UniPC have them: the loop then runs only the array arithmetic, which on a
+  cheap denoiser is what a step costs beyond its denoiser call.
 
 Lowercase factories (``ddim(process, eta=0.0)``, ...) build them. Equal settings give equal,
 hashable samplers. Numeric hyperparameters are pytree leaves (Python floats, so equal settings
@@ -87,6 +93,18 @@ class Sampler(eqx.Module):
     @abc.abstractmethod
     def step(self, denoise, x, state, ts, i, key):
         """One step ``ts[i] -> ts[i + 1]``: ``(x_next, state, x0_hat, nfe)``."""
+
+    def coefficients(self, ts, i):
+        """The numbers of step ``i`` that depend only on the grid, not on ``x`` (optional).
+
+        ``None`` by default. A sampler that overrides it takes them as ``step(..., coef=...)``
+        (and computes them itself when ``coef`` is ``None``): :func:`sample` then computes them
+        for every step in one vectorized pass before its scan, so the loop runs only the
+        array arithmetic (on a cheap denoiser, the scalar work of a multistep method inside
+        the loop is a visible share of each step). Wrappers that call ``step`` directly, with a
+        grid of their own, get ``coef=None`` and the same numbers.
+        """
+        return None
 
     def check(self, ts):
         """Eager checks of a concrete grid against this sampler's settings (a ``ValueError``).
@@ -342,9 +360,11 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory):
     denoise = checked_denoiser(denoise)
     n, dtype = ts.shape[0] - 1, x_T.dtype
 
+    table = _coefficient_table(sampler, ts)
+
     def body(carry, i):
         x, state = carry
-        x_next, state, x0, nfe = _ordinary(sampler, denoise, x, state, ts, i, key)
+        x_next, state, x0, nfe = _ordinary(sampler, denoise, x, state, ts, i, key, table)
         out = (x_next, x0) if save_trajectory else None
         return (x_next, state), (out, nfe)
 
@@ -364,9 +384,26 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory):
     return SampleResult(x_last, xs, jnp.concatenate([traj[1], x0_last[None]]), nfe)
 
 
-def _ordinary(sampler, denoise, x, state, ts, i, key):
+def _coefficient_table(sampler, ts):
+    """``sampler.coefficients`` of the scan's steps ``0 .. n - 2``, stacked, or ``None``.
+
+    The last step computes its own inside ``_last_step``'s ordinary branch: into a final 0 they
+    are not finite (log-SNR of 0), and outside that branch their gradient would be NaN.
+    """
+    if type(sampler).coefficients is Sampler.coefficients:
+        return None
+    steps = jnp.arange(ts.shape[0] - 2)
+    return jax.vmap(lambda i: sampler.coefficients(ts, i))(steps)
+
+
+def _ordinary(sampler, denoise, x, state, ts, i, key, table=None):
     """Step ``i`` of the scan, in ``x``'s dtype, with its NFE as an int32."""
-    x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, jax.random.fold_in(key, i))
+    key = jax.random.fold_in(key, i)
+    if table is None:
+        x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, key)
+    else:
+        coef = jax.tree_util.tree_map(lambda c: c[i], table)
+        x_next, state, x0, nfe = sampler.step(denoise, x, state, ts, i, key, coef=coef)
     return x_next.astype(x.dtype), state, x0.astype(x.dtype), jnp.asarray(nfe, jnp.int32)
 
 
@@ -377,7 +414,7 @@ def _last_step(sampler, denoise, x, state, ts, i, key):
     """
 
     def ordinary(x, state):
-        return _ordinary(sampler, denoise, x, state, ts, i, key)
+        return _ordinary(sampler, denoise, x, state, ts, i, key)  # computes its coefficients
 
     def to_zero(x, state):
         x0 = sampler.final(denoise, x, state, ts, jax.random.fold_in(key, i)).astype(x.dtype)

@@ -16,11 +16,12 @@ Example:
     >>> sampler = jaxdiff.samplers.ddim(jaxdiff.VP(), eta=0.0)  # doctest: +SKIP
 """
 
+import jax
 import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, OneCallSampler, is_zero, step_noise
+from jaxdiff.samplers.base import EmptyState, OneCallSampler, is_zero, normal_like
 
 __all__ = ["DDIM", "ddim", "ddim_step"]
 
@@ -52,8 +53,12 @@ class DDIM(OneCallSampler):
     def update(self, x, x0_hat, t, s, key):
         if is_zero(self.eta):  # a concrete 0 (a step called outside the engine): no noise
             return ddim_step(self.process, x, x0_hat, t, s)
-        noise = step_noise(key, x, self.eta > 0)
-        return ddim_step(self.process, x, x0_hat, t, s, self.eta, noise)
+        p, eta = self.process, self.eta
+
+        def noisy():
+            return ddim_step(p, x, x0_hat, t, s, eta, normal_like(key, x)).astype(x.dtype)
+
+        return jax.lax.cond(eta > 0, noisy, lambda: ddim_step(p, x, x0_hat, t, s).astype(x.dtype))
 
     @property
     def noise_scale(self):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._utils import bcast
+from jaxdiff._utils import bcast, weighted_sum
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.dpm_solver import (
@@ -103,7 +103,7 @@ def deis_step(process: Process, x, x0, t, s, eps_prev, t_prev, q):
     """
     eps = process.eps_from_x0(x, x0, t)
     c = deis_weights(process, t, s, t_prev, q)
-    slope = c[0] * eps + jnp.tensordot(c[1:], eps_prev, axes=1)
+    slope = c[0] * eps + weighted_sum(c[1:], eps_prev)
     a_t, a_s = bcast(process.alpha(t), x), bcast(process.alpha(s), x)
     return a_s * (x / a_t + slope), eps
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from jaxdiff._utils import bcast, is_concrete
 from jaxdiff.processes import Process
-from jaxdiff.samplers.base import EmptyState, Sampler, grid_dtype, is_zero, step_noise
+from jaxdiff.samplers.base import EmptyState, Sampler, is_zero, step_noise
 
 __all__ = [
     "DPMSolver",
@@ -65,6 +65,10 @@ __all__ = [
     "dpm_solver_step",
     "dpm_solver_pp",
     "dpm_solver_pp_step",
+    "dpm_solver_pp_coefficients",
+    "dpm_solver_pp_apply",
+    "DPMSolverPPCoefficients",
+    "grid_history",
     "dpm_solver_pp_sde",
     "dpm_solver_pp_sde_step",
     "dpm_solver_pp_singlestep",
@@ -333,20 +337,70 @@ def dpm_solver_pp_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q):
 
     ``x0_prev``/``ell_prev`` hold the previous outputs newest first (at least ``order - 1``).
     """
+    coef = dpm_solver_pp_coefficients(process, t, s, ell_prev, q)
+    return dpm_solver_pp_apply(coef, x, x0, x0_prev)
+
+
+class DPMSolverPPCoefficients(NamedTuple):
+    r"""The numbers of one (SDE-)DPM-Solver++ step; they depend on the grid only.
+
+    :math:`x_s = a\,x + g D_0 + c_2(D_0 - D_1)` and, at order 3, :math:`c_1(f_{01} + h_0f_{012}) +
+    c_3f_{012}` with the divided differences over the gaps :math:`h_0, h_1`, plus ``noise_std``
+    times the step's noise (:func:`dpm_solver_pp_step`, :func:`dpm_solver_pp_sde_step`).
+    """
+
+    x_scale: jax.Array
+    gain: jax.Array
+    c2: jax.Array
+    gaps: jax.Array
+    c1: jax.Array
+    c3: jax.Array
+    third: jax.Array
+    noise_std: jax.Array
+
+
+def dpm_solver_pp_coefficients(process: Process, t, s, ell_prev, q, eta=0.0):
+    r"""The :class:`DPMSolverPPCoefficients` of a step ``t -> s`` of order ``q``, noise ``eta``.
+
+    ``eta = 0`` (concrete) is the ODE solver's step; ``ell_prev`` the history's :math:`\ell`.
+    """
     _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
     gaps = _gaps(half_log_snr(process, t), ell_prev, h, q)
-    x_s = bcast(sig_s / sig_t, x) * x + bcast(a_s * -jnp.expm1(-h), x) * x0
-    # order 2: the paper's extrapolation D_0 + (D_0 - D_1)/(2r)
-    c2 = jnp.where(q == 2, a_s * -jnp.expm1(-h) * h / (2.0 * gaps[0]), 0.0)
-    x_s = x_s + bcast(c2, x) * (x0 - x0_prev[0])
+    h_eta = (1.0 + eta) * h
+    one_minus = -jnp.expm1(-h_eta)  # = h_eta phi_1(-h_eta)
+    x_scale = sig_s / sig_t * jnp.exp(-eta * h)
+    # order 2: the paper's extrapolation D_0 + (D_0 - D_1) / (2r), r = h_0 / h
+    c2 = jnp.where(q == 2, a_s * one_minus * h / (2.0 * gaps[0]), 0.0)
+    c1 = a_s * h * h_eta * phi(2, -h_eta)
+    c3 = a_s * 2.0 * h**2 * h_eta * phi(3, -h_eta)
+    noise_std = sig_s * _noise_std(eta, h)
+    return DPMSolverPPCoefficients(x_scale, a_s * one_minus, c2, gaps, c1, c3, q == 3, noise_std)
+
+
+def dpm_solver_pp_apply(coef: DPMSolverPPCoefficients, x, x0, x0_prev, noise=None):
+    """The step of :func:`dpm_solver_pp_coefficients` applied to ``x`` and the outputs."""
+    x_s = bcast(coef.x_scale, x) * x + bcast(coef.gain, x) * x0
+    x_s = x_s + bcast(coef.c2, x) * (x0 - x0_prev[0])
     if x0_prev.shape[0] >= 2:  # order 3 is possible
-        f01 = (x0 - x0_prev[0]) / bcast(gaps[0], x)
-        f12 = (x0_prev[0] - x0_prev[1]) / bcast(gaps[1], x)
-        f012 = (f01 - f12) / bcast(gaps[0] + gaps[1], x)
-        c1, c3 = a_s * h**2 * phi(2, -h), a_s * 2.0 * h**3 * phi(3, -h)
-        third = bcast(c1, x) * (f01 + bcast(gaps[0], x) * f012) + bcast(c3, x) * f012
-        x_s = x_s + jnp.where(q == 3, third, 0.0)
-    return x_s
+        g0, g1 = coef.gaps[0], coef.gaps[1]
+        f01 = (x0 - x0_prev[0]) / bcast(g0, x)
+        f12 = (x0_prev[0] - x0_prev[1]) / bcast(g1, x)
+        f012 = (f01 - f12) / bcast(g0 + g1, x)
+        third = bcast(coef.c1, x) * (f01 + bcast(g0, x) * f012) + bcast(coef.c3, x) * f012
+        x_s = x_s + jnp.where(coef.third, third, 0.0)
+    if noise is None:
+        return x_s
+    return x_s + bcast(coef.noise_std, x) * noise
+
+
+def grid_history(ts, i, m: int, fn, fill):
+    """``fn(ts[i - 1 - k])`` for ``k < m``, newest first, ``fill`` where the grid has no such time.
+
+    The history a multistep sampler has recorded by step ``i``, read off the grid: its
+    ``coefficients`` need no state.
+    """
+    back = i - 1 - jnp.arange(m)
+    return jnp.where(back >= 0, fn(ts[jnp.maximum(back, 0)]), fill)
 
 
 class DPMSolverPP(Sampler):
@@ -360,11 +414,18 @@ class DPMSolverPP(Sampler):
     def init(self, x_T, ts):
         return init_history(x_T, ts, self.order - 1)
 
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
+    def coefficients(self, ts, i):
+        p = self.process
+        ell_prev = grid_history(ts, i, self.order - 1, lambda t: half_log_snr(p, t), 0.0)
         q = step_order(self.order, i, ts, self.lower_order_final)
-        x_s = dpm_solver_pp_step(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q)
+        return dpm_solver_pp_coefficients(p, ts[i], ts[i + 1], ell_prev, q)
+
+    def step(self, denoise, x, state, ts, i, key, coef=None):
+        if coef is None:
+            coef = self.coefficients(ts, i)
+        t = ts[i]
+        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
+        x_s = dpm_solver_pp_apply(coef, x, x0, state.x0_prev)
         return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, nfe
 
     def nfe(self, n: int) -> int:
@@ -430,23 +491,8 @@ def dpm_solver_pp_sde_step(process: Process, x, x0, t, s, x0_prev, ell_prev, q, 
     ``eta = 1`` and order 2 is Lu et al.'s SDE-DPM-Solver++(2M). ``noise`` is a standard normal
     draw like ``x`` (zeros where ``eta = 0``).
     """
-    _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
-    gaps = _gaps(half_log_snr(process, t), ell_prev, h, q)
-    h_eta = (1.0 + eta) * h
-    one_minus = -jnp.expm1(-h_eta)  # = h_eta phi_1(-h_eta)
-    x_s = bcast(sig_s / sig_t * jnp.exp(-eta * h), x) * x + bcast(a_s * one_minus, x) * x0
-    # order 2: the midpoint extrapolation D_0 + (D_0 - D_1) / (2r)
-    c2 = jnp.where(q == 2, a_s * one_minus * h / (2.0 * gaps[0]), 0.0)
-    x_s = x_s + bcast(c2, x) * (x0 - x0_prev[0])
-    if x0_prev.shape[0] >= 2:  # order 3 is possible
-        f01 = (x0 - x0_prev[0]) / bcast(gaps[0], x)
-        f12 = (x0_prev[0] - x0_prev[1]) / bcast(gaps[1], x)
-        f012 = (f01 - f12) / bcast(gaps[0] + gaps[1], x)
-        c1 = a_s * h * h_eta * phi(2, -h_eta)
-        c3 = a_s * 2.0 * h**2 * h_eta * phi(3, -h_eta)
-        third = bcast(c1, x) * (f01 + bcast(gaps[0], x) * f012) + bcast(c3, x) * f012
-        x_s = x_s + jnp.where(q == 3, third, 0.0)
-    return x_s + bcast(sig_s * _noise_std(eta, h), x) * noise
+    coef = dpm_solver_pp_coefficients(process, t, s, ell_prev, q, eta)
+    return dpm_solver_pp_apply(coef, x, x0, x0_prev, noise)
 
 
 class DPMSolverPPSDE(Sampler):
@@ -460,17 +506,22 @@ class DPMSolverPPSDE(Sampler):
     def init(self, x_T, ts):
         return init_history(x_T, ts, self.order - 1)
 
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0 = denoise(x, t)
+    def coefficients(self, ts, i):
+        p = self.process
+        ell_prev = grid_history(ts, i, self.order - 1, lambda t: half_log_snr(p, t), 0.0)
         q = step_order(self.order, i, ts, self.lower_order_final)
+        return dpm_solver_pp_coefficients(p, ts[i], ts[i + 1], ell_prev, q, self.eta)
+
+    def step(self, denoise, x, state, ts, i, key, coef=None):
+        if coef is None:
+            coef = self.coefficients(ts, i)
+        t = ts[i]
+        x0 = denoise(x, t)
         if is_zero(self.eta):  # a concrete 0: no noise drawn at all
-            noise = jnp.zeros(x.shape, grid_dtype(x))
+            x_s = dpm_solver_pp_apply(coef, x, x0, state.x0_prev)
         else:
             noise = step_noise(key, x, self.eta > 0)
-        x_s = dpm_solver_pp_sde_step(
-            self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q, noise, self.eta
-        )
+            x_s = dpm_solver_pp_apply(coef, x, x0, state.x0_prev, noise)
         return x_s, push_history(state, x0, half_log_snr(self.process, t)), x0, 1
 
     @property
@@ -537,22 +588,61 @@ def dpm_solver_pp_singlestep_step(process: Process, denoise, x, t, s, order: int
     ``order`` denoiser calls. Returns ``(x_s, x0_hat)`` with ``x0_hat = denoise(x, t)``.
     """
     check_order("dpm_solver_pp_singlestep_step", order, (1, 2, 3))
+    coef = dpm_solver_pp_singlestep_coefficients(process, t, s, order)
+    return dpm_solver_pp_singlestep_apply(coef, denoise, x, order)
+
+
+class SinglestepCoefficients(NamedTuple):
+    """The times and numbers of one singlestep DPM-Solver++ step (they depend on the grid only).
+
+    ``times``: ``(t, u_1[, u_2])``; ``first``: ``(sig_ratio, gain)`` of the first-order move to
+    ``s``, ``u_1`` and ``u_2``; ``mix``: the weights of :math:`D_1 - D_0` into ``u_2`` (order 3)
+    and of the last difference into ``s``.
+    """
+
+    times: jax.Array
+    first: jax.Array
+    mix: jax.Array
+
+
+def dpm_solver_pp_singlestep_coefficients(process: Process, t, s, order: int):
+    """The :class:`SinglestepCoefficients` of :func:`dpm_solver_pp_singlestep_step`."""
     _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
-    x0 = denoise(x, t)
-    x_s = _data_first_order(x, x0, sig_t, a_s, sig_s, h)
+    times, first = [t], [(sig_s / sig_t, -a_s * jnp.expm1(-h))]
     r1 = 0.5 if order == 2 else 1.0 / 3.0
+    mix = [jnp.zeros_like(h), jnp.zeros_like(h)]
     if order >= 2:
         u1, a_1, sig_1 = _intermediate(process, t, h, r1)
-        d1 = denoise(_data_first_order(x, x0, sig_t, a_1, sig_1, r1 * h), u1) - x0
+        times.append(u1)
+        first.append((sig_1 / sig_t, -a_1 * jnp.expm1(-r1 * h)))
     if order == 2:
-        x_s = x_s + bcast(a_s * -jnp.expm1(-h) / (2.0 * r1), x) * d1
+        mix[1] = a_s * -jnp.expm1(-h) / (2.0 * r1)
     elif order == 3:
         r2 = 2.0 / 3.0
         u2, a_2, sig_2 = _intermediate(process, t, h, r2)
-        c2 = a_2 * (r2 / r1) * r2 * h * phi(2, -r2 * h)
-        x_2 = _data_first_order(x, x0, sig_t, a_2, sig_2, r2 * h) + bcast(c2, x) * d1
-        d2 = denoise(x_2, u2) - x0
-        x_s = x_s + bcast(a_s / r2 * h * phi(2, -h), x) * d2
+        times.append(u2)
+        first.append((sig_2 / sig_t, -a_2 * jnp.expm1(-r2 * h)))
+        mix[0] = a_2 * (r2 / r1) * r2 * h * phi(2, -r2 * h)
+        mix[1] = a_s / r2 * h * phi(2, -h)
+    return SinglestepCoefficients(jnp.stack(times), jnp.asarray(first), jnp.stack(mix))
+
+
+def dpm_solver_pp_singlestep_apply(coef: SinglestepCoefficients, denoise, x, order: int):
+    """The step of :func:`dpm_solver_pp_singlestep_coefficients`: ``(x_s, x0_hat)``."""
+    times, first, mix = coef
+
+    def first_order(k, x0):  # DPM-Solver++-1 from (x, t) to the k-th point (s, u_1, u_2)
+        return bcast(first[k, 0], x) * x + bcast(first[k, 1], x) * x0
+
+    x0 = denoise(x, times[0])
+    x_s = first_order(0, x0)
+    if order == 2:
+        d1 = denoise(first_order(1, x0), times[1]) - x0
+        x_s = x_s + bcast(mix[1], x) * d1
+    elif order == 3:
+        d1 = denoise(first_order(1, x0), times[1]) - x0
+        d2 = denoise(first_order(2, x0) + bcast(mix[0], x) * d1, times[2]) - x0
+        x_s = x_s + bcast(mix[1], x) * d2
     return x_s, x0
 
 
@@ -565,10 +655,13 @@ class DPMSolverPPSinglestep(Sampler):
     def init(self, x_T, ts):
         return EmptyState()
 
-    def step(self, denoise, x, state, ts, i, key):
-        x_s, x0 = dpm_solver_pp_singlestep_step(
-            self.process, denoise, x, ts[i], ts[i + 1], self.order
-        )
+    def coefficients(self, ts, i):
+        return dpm_solver_pp_singlestep_coefficients(self.process, ts[i], ts[i + 1], self.order)
+
+    def step(self, denoise, x, state, ts, i, key, coef=None):
+        if coef is None:
+            coef = self.coefficients(ts, i)
+        x_s, x0 = dpm_solver_pp_singlestep_apply(coef, denoise, x, self.order)
         return x_s, state, x0, self.order
 
     @property

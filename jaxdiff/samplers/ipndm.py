@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._utils import bcast
+from jaxdiff._utils import bcast, weighted_sum
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.dpm_solver import (
@@ -111,7 +111,7 @@ def ipndm_step(process: Process, x, x0, t, s, eps_prev, sig_prev, q, variable_st
     sig_t, sig_s = process.noise_level(t), process.noise_level(s)
     eps = process.eps_from_x0(x, x0, t)
     b = adams_bashforth_weights(sig_t, sig_s, sig_prev, q, variable_step)
-    slope = b[0] * eps + jnp.tensordot(b[1:], eps_prev, axes=1)
+    slope = b[0] * eps + weighted_sum(b[1:], eps_prev)
     return bcast(a_s, x) * (x / bcast(a_t, x) + bcast(sig_s - sig_t, x) * slope), eps
 
 

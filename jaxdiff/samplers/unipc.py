@@ -58,7 +58,7 @@ from jaxdiff.samplers.dpm_solver import (
     step_order,
 )
 
-__all__ = ["UniPC", "unipc", "unipc_update"]
+__all__ = ["UniPC", "unipc", "unipc_update", "unipc_coefficients"]
 
 
 class UniPCState(NamedTuple):
@@ -75,41 +75,63 @@ class UniPCState(NamedTuple):
     ell_prev: jax.Array
 
 
+class UniPCCoefficients(NamedTuple):
+    r"""The numbers of one UniPC update (they depend on the grid only).
+
+    Attributes:
+        sig_ratio: :math:`\sigma_s/\sigma_t`.
+        gain: :math:`\alpha_s B(h)`.
+        weights: ``(m,)`` :math:`a_m / r_m`, the weights of :math:`D_m - \hat x_0(t)` (0 for
+            unused nodes).
+    """
+
+    sig_ratio: jax.Array
+    gain: jax.Array
+    weights: jax.Array
+
+
+def unipc_coefficients(process: Process, t, s, nodes_ell, n_used) -> UniPCCoefficients:
+    r"""The coefficients of :func:`unipc_update` from ``t`` to ``s`` with the nodes' :math:`\ell`."""
+    ell_t = half_log_snr(process, t)
+    h = half_log_snr(process, s) - ell_t
+    m = nodes_ell.shape[0]
+    one_minus = -jnp.expm1(-h)  # = B(h)
+    sig_ratio = process.sigma(s) / process.sigma(t)
+    if m == 0:  # no node: the first-order (DDIM) step
+        return UniPCCoefficients(sig_ratio, process.alpha(s) * one_minus, jnp.zeros((0,), h.dtype))
+    used = jnp.arange(m) < n_used
+    r = jnp.where(used, (nodes_ell - ell_t) / h, 1.0)
+    fact = jnp.asarray([math.factorial(k) for k in range(1, m + 1)], h.dtype)
+    b = fact * jnp.stack([phi(k + 1, -h) for k in range(1, m + 1)]) / phi(1, -h)  # k!h phi/B
+    a = moment_weights(r, b, n_used)
+    return UniPCCoefficients(sig_ratio, process.alpha(s) * one_minus, a / r)
+
+
+def _apply(c: UniPCCoefficients, x, x0, nodes_x0):
+    """The update of :func:`unipc_update` with its coefficients known.
+
+    ``nodes_x0`` is a stacked array or a sequence of arrays (no stacking: one fused pass).
+    """
+    x0_eff = x0
+    for j in range(len(nodes_x0)):
+        x0_eff = x0_eff + bcast(c.weights[j], x) * (nodes_x0[j] - x0)
+    return bcast(c.sig_ratio, x) * x + bcast(c.gain, x) * x0_eff
+
+
 def unipc_update(process: Process, x, x0, t, s, nodes_x0, nodes_ell, n_used):
     r"""The UniPC update from ``(x, t)`` to ``s`` (module docstring) with B(h) = 1 - e^{-h}.
 
     ``x0`` is the denoiser output at ``(x, t)``; ``nodes_x0``/``nodes_ell`` hold the other outputs
     and their :math:`\ell`, of which the first ``n_used`` (traced) are used. Returns ``x_s``.
     """
-    ell_t = half_log_snr(process, t)
-    h = half_log_snr(process, s) - ell_t
-    m = nodes_ell.shape[0]
-    used = jnp.arange(m) < n_used
-    r = jnp.where(used, (nodes_ell - ell_t) / h, 1.0)
-    fact = jnp.asarray([math.factorial(k) for k in range(1, m + 1)], h.dtype)
-    b = fact * jnp.stack([phi(k + 1, -h) for k in range(1, m + 1)]) / phi(1, -h)  # k!h phi/B
-    a = moment_weights(r, b, n_used)
-    diffs = (nodes_x0 - x0) / r.reshape((m,) + (1,) * x.ndim)
-    one_minus = -jnp.expm1(-h)  # = B(h)
-    x0_eff = x0 + jnp.tensordot(a, diffs, axes=1)
-    sig_ratio = process.sigma(s) / process.sigma(t)
-    return bcast(sig_ratio, x) * x + bcast(process.alpha(s) * one_minus, x) * x0_eff
+    return _apply(unipc_coefficients(process, t, s, nodes_ell, n_used), x, x0, nodes_x0)
 
 
-def _correct(process, x, x0, state, ts, i, order, lower_order_final):
-    """UniC for the step ``ts[i-1] -> ts[i]`` with the new output ``x0`` at ``ts[i]``.
+class UniPCStepCoefficients(NamedTuple):
+    """The numbers of one UniPC step: its predictor and the corrector of the step before."""
 
-    At ``i = 0`` there is nothing to correct: ``x`` is returned (the formula is evaluated on a
-    dummy step with no nodes, to keep every branch finite).
-    """
-    j = jnp.maximum(i - 1, 0)
-    nodes_x0 = jnp.concatenate([x0[None].astype(state.x0_prev.dtype), state.x0_prev[1:]])
-    nodes_ell = state.ell_prev.at[0].set(half_log_snr(process, ts[i]))
-    n_used = jnp.where(i >= 1, step_order(order, j, ts, lower_order_final), 0)
-    x_c = unipc_update(
-        process, state.x_prev, state.x0_prev[0], ts[j], ts[j + 1], nodes_x0, nodes_ell, n_used
-    )
-    return jnp.where(i >= 1, x_c, x)
+    predictor: UniPCCoefficients
+    corrector: UniPCCoefficients
 
 
 class UniPC(Sampler):
@@ -125,14 +147,34 @@ class UniPC(Sampler):
         zeros = jnp.zeros((m, *x_T.shape), x_T.dtype)
         return UniPCState(jnp.zeros_like(x_T), zeros, jnp.zeros((m,), ts.dtype))
 
-    def step(self, denoise, x, state, ts, i, key):
-        t, s = ts[i], ts[i + 1]
-        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, t, i)
-        x = _correct(self.process, x, x0, state, ts, i, self.order, self.lower_order_final)
-        x = x.astype(state.x_prev.dtype)
-        q = step_order(self.order, i, ts, self.lower_order_final)
-        x_s = unipc_update(self.process, x, x0, t, s, state.x0_prev, state.ell_prev, q - 1)
-        ell_t = half_log_snr(self.process, t)
+    def coefficients(self, ts, i):
+        r"""The predictor ``ts[i] -> ts[i + 1]`` and the corrector of ``ts[i - 1] -> ts[i]``.
+
+        The nodes are the grid's own earlier times (the history's :math:`\ell`); at ``i = 0``
+        the corrector is a dummy step with no node, unused.
+        """
+        p, m = self.process, self.order
+        back = i - 1 - jnp.arange(m)  # the grid indices of the history, newest first
+        ell_prev = jnp.where(back >= 0, half_log_snr(p, ts[jnp.maximum(back, 0)]), 0.0)
+        q = step_order(m, i, ts, self.lower_order_final)
+        # the predictor uses at most order - 1 earlier outputs: the newest order - 1 entries
+        predictor = unipc_coefficients(p, ts[i], ts[i + 1], ell_prev, q - 1)
+        j = jnp.maximum(i - 1, 0)
+        nodes_ell = ell_prev.at[0].set(half_log_snr(p, ts[i]))
+        n_used = jnp.where(i >= 1, step_order(m, j, ts, self.lower_order_final), 0)
+        corrector = unipc_coefficients(p, ts[j], ts[j + 1], nodes_ell, n_used)
+        return UniPCStepCoefficients(predictor, corrector)
+
+    def step(self, denoise, x, state, ts, i, key, coef=None):
+        if coef is None:
+            coef = self.coefficients(ts, i)
+        x0, nfe = denoise_or_afs(self.afs, self.process, denoise, x, ts[i], i)
+        # UniC for the step ts[i - 1] -> ts[i], with the new output x0 at ts[i] as one more node
+        nodes_x0 = [x0.astype(state.x0_prev.dtype), *state.x0_prev[1:]]
+        x_c = _apply(coef.corrector, state.x_prev, state.x0_prev[0], nodes_x0)
+        x = jnp.where(i >= 1, x_c, x).astype(state.x_prev.dtype)
+        x_s = _apply(coef.predictor, x, x0, state.x0_prev)
+        ell_t = half_log_snr(self.process, ts[i])
         return x_s, UniPCState(x, push(state.x0_prev, x0), push(state.ell_prev, ell_t)), x0, nfe
 
     def nfe(self, n: int) -> int:
