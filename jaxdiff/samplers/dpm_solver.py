@@ -593,57 +593,60 @@ def dpm_solver_pp_singlestep_step(process: Process, denoise, x, t, s, order: int
 
 
 class SinglestepCoefficients(NamedTuple):
-    """The times and numbers of one singlestep DPM-Solver++ step (they depend on the grid only).
+    r"""The times and weights of one singlestep DPM-Solver++ step (they depend on the grid only).
 
-    ``times``: ``(t, u_1[, u_2])``; ``first``: ``(sig_ratio, gain)`` of the first-order move to
-    ``s``, ``u_1`` and ``u_2``; ``mix``: the weights of :math:`D_1 - D_0` into ``u_2`` (order 3)
-    and of the last difference into ``s``.
+    ``times``: ``(t, u_1[, u_2])``. ``weights[k]``: the point ``k`` (0: ``s``, then ``u_1``,
+    ``u_2``) as :math:`w_{k0}x + w_{k1}D_0 + w_{k2}D'`, with :math:`D'` the newest other output
+    (:math:`D_1` into ``u_2``; into ``s`` :math:`D_1` at order 2, :math:`D_2` at order 3): the
+    formulas of :func:`dpm_solver_pp_singlestep_step` with their :math:`D_0` terms collected.
     """
 
     times: jax.Array
-    first: jax.Array
-    mix: jax.Array
+    weights: jax.Array
 
 
 def dpm_solver_pp_singlestep_coefficients(process: Process, t, s, order: int):
     """The :class:`SinglestepCoefficients` of :func:`dpm_solver_pp_singlestep_step`."""
     _, sig_t, a_s, sig_s, h = _coefficients(process, t, s)
-    times, first = [t], [(sig_s / sig_t, -a_s * jnp.expm1(-h))]
+    zero = jnp.zeros_like(h)
+    gain = -a_s * jnp.expm1(-h)
+    if order == 1:
+        return SinglestepCoefficients(
+            jnp.stack([t]), jnp.stack([jnp.stack([sig_s / sig_t, gain, zero])])
+        )
     r1 = 0.5 if order == 2 else 1.0 / 3.0
-    mix = [jnp.zeros_like(h), jnp.zeros_like(h)]
-    if order >= 2:
-        u1, a_1, sig_1 = _intermediate(process, t, h, r1)
-        times.append(u1)
-        first.append((sig_1 / sig_t, -a_1 * jnp.expm1(-r1 * h)))
+    u1, a_1, sig_1 = _intermediate(process, t, h, r1)
+    to_u1 = jnp.stack([sig_1 / sig_t, -a_1 * jnp.expm1(-r1 * h), zero])
     if order == 2:
-        mix[1] = a_s * -jnp.expm1(-h) / (2.0 * r1)
-    elif order == 3:
-        r2 = 2.0 / 3.0
-        u2, a_2, sig_2 = _intermediate(process, t, h, r2)
-        times.append(u2)
-        first.append((sig_2 / sig_t, -a_2 * jnp.expm1(-r2 * h)))
-        mix[0] = a_2 * (r2 / r1) * r2 * h * phi(2, -r2 * h)
-        mix[1] = a_s / r2 * h * phi(2, -h)
-    return SinglestepCoefficients(jnp.stack(times), jnp.asarray(first), jnp.stack(mix))
+        # D_0 + (D_1 - D_0) / (2 r_1) with r_1 = 1/2 is D_1 (Lu et al. 2022b, Alg. 1): D_0 drops
+        # out of the update, and need not be kept across the second call
+        to_s = jnp.stack([sig_s / sig_t, zero, gain / (2.0 * r1)])
+        return SinglestepCoefficients(jnp.stack([t, u1]), jnp.stack([to_s, to_u1]))
+    r2 = 2.0 / 3.0
+    u2, a_2, sig_2 = _intermediate(process, t, h, r2)
+    m0 = a_2 * (r2 / r1) * r2 * h * phi(2, -r2 * h)  # of D_1 - D_0 into u_2
+    m1 = a_s / r2 * h * phi(2, -h)  # of D_2 - D_0 into s
+    to_u2 = jnp.stack([sig_2 / sig_t, -a_2 * jnp.expm1(-r2 * h) - m0, m0])
+    to_s = jnp.stack([sig_s / sig_t, gain - m1, m1])
+    return SinglestepCoefficients(jnp.stack([t, u1, u2]), jnp.stack([to_s, to_u1, to_u2]))
 
 
 def dpm_solver_pp_singlestep_apply(coef: SinglestepCoefficients, denoise, x, order: int):
     """The step of :func:`dpm_solver_pp_singlestep_coefficients`: ``(x_s, x0_hat)``."""
-    times, first, mix = coef
+    times, w = coef
 
-    def first_order(k, x0):  # DPM-Solver++-1 from (x, t) to the k-th point (s, u_1, u_2)
-        return bcast(first[k, 0], x) * x + bcast(first[k, 1], x) * x0
+    def point(k, x0, other=None):  # w_k0 x + w_k1 D_0 [+ w_k2 D']
+        out = bcast(w[k, 0], x) * x + bcast(w[k, 1], x) * x0
+        return out if other is None else out + bcast(w[k, 2], x) * other
 
     x0 = denoise(x, times[0])
-    x_s = first_order(0, x0)
+    if order == 1:
+        return point(0, x0), x0
+    d1 = denoise(point(1, x0), times[1])
     if order == 2:
-        d1 = denoise(first_order(1, x0), times[1]) - x0
-        x_s = x_s + bcast(mix[1], x) * d1
-    elif order == 3:
-        d1 = denoise(first_order(1, x0), times[1]) - x0
-        d2 = denoise(first_order(2, x0) + bcast(mix[0], x) * d1, times[2]) - x0
-        x_s = x_s + bcast(mix[1], x) * d2
-    return x_s, x0
+        return bcast(w[0, 0], x) * x + bcast(w[0, 2], x) * d1, x0
+    d2 = denoise(point(2, x0, d1), times[2])
+    return point(0, x0, d2), x0
 
 
 class DPMSolverPPSinglestep(Sampler):
