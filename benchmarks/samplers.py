@@ -339,6 +339,8 @@ def bench_one(sampler, denoise, x_T, n, repeats, key):
     compile_s = time.perf_counter() - start
     run = lambda: compiled(x_T).block_until_ready()
     run_med, _ = timings(run, repeats)
+    # a cheap program gets more repeats (about 0.3 s each): its minimum is then a stable estimate
+    repeats = int(np.clip(0.3 / run_med, repeats, 1000))
     nfe, stochastic = sampler.nfe(n), sampler.stochastic
     loop = baseline_loop(denoise, x_T, nfe, stochastic, key)
     floor = floor_loop(denoise, x_T, nfe, stochastic, key, history_size(sampler, x_T, ts))

@@ -76,17 +76,20 @@ class UniPCState(NamedTuple):
 
 
 class UniPCCoefficients(NamedTuple):
-    r"""The numbers of one UniPC update (they depend on the grid only).
+    r"""The numbers of one UniPC update, its terms collected (they depend on the grid only).
+
+    :math:`x_s = \frac{\sigma_s}{\sigma_t}x + \alpha_sB(h)\big[\hat x_0 + \sum_m \frac{a_m}{r_m}
+    (D_m - \hat x_0)\big]` written as ``sig_ratio * x + base * x0 + sum_m weights[m] * D_m``.
 
     Attributes:
         sig_ratio: :math:`\sigma_s/\sigma_t`.
-        gain: :math:`\alpha_s B(h)`.
-        weights: ``(m,)`` :math:`a_m / r_m`, the weights of :math:`D_m - \hat x_0(t)` (0 for
-            unused nodes).
+        base: the weight of :math:`\hat x_0(t)`, :math:`\alpha_sB(h)(1 - \sum_m a_m/r_m)`.
+        weights: ``(m,)`` :math:`\alpha_sB(h)\,a_m/r_m`, the weights of the nodes' outputs (0
+            for unused nodes).
     """
 
     sig_ratio: jax.Array
-    gain: jax.Array
+    base: jax.Array
     weights: jax.Array
 
 
@@ -97,14 +100,15 @@ def unipc_coefficients(process: Process, t, s, nodes_ell, n_used) -> UniPCCoeffi
     m = nodes_ell.shape[0]
     one_minus = -jnp.expm1(-h)  # = B(h)
     sig_ratio = process.sigma(s) / process.sigma(t)
+    gain = process.alpha(s) * one_minus
     if m == 0:  # no node: the first-order (DDIM) step
-        return UniPCCoefficients(sig_ratio, process.alpha(s) * one_minus, jnp.zeros((0,), h.dtype))
+        return UniPCCoefficients(sig_ratio, gain, jnp.zeros((0,), h.dtype))
     used = jnp.arange(m) < n_used
     r = jnp.where(used, (nodes_ell - ell_t) / h, 1.0)
     fact = jnp.asarray([math.factorial(k) for k in range(1, m + 1)], h.dtype)
     b = fact * jnp.stack([phi(k + 1, -h) for k in range(1, m + 1)]) / phi(1, -h)  # k!h phi/B
-    a = moment_weights(r, b, n_used)
-    return UniPCCoefficients(sig_ratio, process.alpha(s) * one_minus, a / r)
+    w = moment_weights(r, b, n_used) / r
+    return UniPCCoefficients(sig_ratio, gain * (1.0 - jnp.sum(w)), gain * w)
 
 
 def _apply(c: UniPCCoefficients, x, x0, nodes_x0):
@@ -112,10 +116,10 @@ def _apply(c: UniPCCoefficients, x, x0, nodes_x0):
 
     ``nodes_x0`` is a stacked array or a sequence of arrays (no stacking: one fused pass).
     """
-    x0_eff = x0
+    x_s = bcast(c.sig_ratio, x) * x + bcast(c.base, x) * x0
     for j in range(len(nodes_x0)):
-        x0_eff = x0_eff + bcast(c.weights[j], x) * (nodes_x0[j] - x0)
-    return bcast(c.sig_ratio, x) * x + bcast(c.gain, x) * x0_eff
+        x_s = x_s + bcast(c.weights[j], x) * nodes_x0[j]
+    return x_s
 
 
 def unipc_update(process: Process, x, x0, t, s, nodes_x0, nodes_ell, n_used):
