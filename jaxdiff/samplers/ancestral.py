@@ -84,7 +84,9 @@ class Ancestral(Sampler):
         x_down, state, x0, nfe = self.sampler.step(
             denoise, x, state, ts.at[i + 1].set(t_down), i, key
         )
-        z = step_noise(jax.random.fold_in(key, 1), x, noisy)
+        # drawn whenever eta > 0 (a loop-invariant switch, folded away for a known eta), even in
+        # a step where sigma_up happens to be 0: the draw is then multiplied by 0
+        z = step_noise(jax.random.fold_in(key, 1), x, self.eta > 0)
         x_next = bcast(p.alpha(s) / p.alpha(t_down), x) * x_down
         return x_next + bcast(p.alpha(s) * self.s_noise * sig_up, x) * z, state, x0, nfe
 
