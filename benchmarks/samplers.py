@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -372,8 +373,8 @@ def bench_one(sampler, denoise, x_T, n, repeats, key):
     compile_s = time.perf_counter() - start
     run = lambda: compiled(x_T).block_until_ready()
     run_med, _ = timings(run, repeats)
-    # a cheap program gets more repeats (about 0.3 s each): its minimum is then a stable estimate
-    repeats = int(np.clip(0.3 / run_med, repeats, 1000))
+    # repeats for about 0.5 s of each program: on a shared CPU the minimum then settles
+    repeats = int(np.clip(0.5 / run_med, repeats, 1000))
     nfe, stochastic = sampler.nfe(n), sampler.stochastic
     loop = baseline_loop(denoise, x_T, nfe, stochastic, key)
     floor = floor_loop(denoise, x_T, nfe, stochastic, key, history_size(sampler, x_T, ts))
@@ -677,9 +678,10 @@ def main(argv=None):
     results = write_section("samplers", md, out / "RESULTS.md")
     print(f"wrote {results} and {out / 'samplers_error.png'}")
     if args.frontier:
-        import frontier
-
-        frontier.main(["--out", str(out), *(["--quick"] if args.quick else [])])
+        # a fresh process: after the hundreds of programs above, compiling the frontier's in this
+        # one ran out of XLA:CPU's code memory ("LLVM ERROR: Unable to allocate section memory")
+        command = [sys.executable, str(HERE / "frontier.py"), "--out", str(out)]
+        subprocess.run(command + (["--quick"] if args.quick else []), check=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from jaxdiff import samplers as S
 from jaxdiff import schedules
 from jaxdiff.analytic import Gaussian, GaussianMixture
 from jaxdiff.processes import EDM, VE, VP, RectifiedFlow, SubVP, VPCosine
+from jaxdiff.samplers.dpm_solver import afs_x0
 
 MIX = GaussianMixture(
     jnp.array([[-1.5, 0.5], [1.0, -0.5], [0.5, 1.5]]),
@@ -500,3 +501,37 @@ def test_samplers_without_coefficients_are_called_without_them():
     ours = jaxdiff.sample(Plain(p), MIX.denoiser(p), x_T, ts).x
     ref = jaxdiff.sample(S.ddim(p), MIX.denoiser(p), x_T, ts).x
     np.testing.assert_array_equal(ours, ref)
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it (jit, scan and cond bodies)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("factory", [S.ipndm, S.unipc], ids=["ipndm", "unipc"])
+def test_afs_first_step_runs_once_outside_the_loop(factory):
+    # With afs=True the engine runs the first step (analytic x0_hat, no evaluation) before its
+    # scan, so no step of the loop tests whether it is the first; the numbers are those of the
+    # step that makes that test itself (a Python loop over step()).
+    p = EDM()
+    sampler = factory(p, afs=True)
+    ts = schedules.karras(p, 6, dtype=jnp.float64)
+    x_T, den = prior(p, 8), MIX.denoiser(p)
+    jaxpr = jax.make_jaxpr(lambda x: jaxdiff.sample(sampler, den, x, ts).x)(x_T).jaxpr
+    scans = [e for e in _equations(jaxpr) if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    assert not any(e.primitive.name == "cond" for e in _equations(scans[0].params["jaxpr"].jaxpr))
+    res = jaxdiff.sample(sampler, den, x_T, ts, save_trajectory=True)
+    assert res.xs.shape == (len(ts), *x_T.shape) and res.denoised.shape == (len(ts) - 1, *x_T.shape)
+    assert int(res.nfe) == sampler.nfe(len(ts) - 1) == len(ts) - 2
+    np.testing.assert_allclose(res.denoised[0], afs_x0(p, x_T, ts[0]), rtol=1e-12, atol=1e-12)
+    x, state = x_T, sampler.init(x_T, ts)
+    for i in range(len(ts) - 2):
+        x, state, _, _ = sampler.step(den, x, state, ts, i, KEY)
+        np.testing.assert_allclose(x, res.xs[i + 1], rtol=1e-12, atol=1e-12)

@@ -106,6 +106,17 @@ class Sampler(eqx.Module):
         """
         return None
 
+    def split_first_step(self):
+        """``(first_denoise, sampler)`` when the first step uses another denoiser (optional).
+
+        ``None`` by default. A sampler whose first denoiser call is replaced by an analytic
+        approximation (AFS, ``afs=True``) returns the approximation, ``first_denoise(x, t)``
+        (no network call: :func:`sample` counts no evaluation for it), and the same sampler
+        without that switch: :func:`sample` then runs the first step outside the scan and the
+        others with no per-step test of whether they are the first.
+        """
+        return None
+
     def check(self, ts):
         """Eager checks of a concrete grid against this sampler's settings (a ``ValueError``).
 
@@ -375,13 +386,22 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory):
     # steps 0 .. n - 2 in the scan; the last one peeled off, so that the choice between an
     # ordinary step and the final step into 0 is made once, not inside every step of the loop
     init = (x_T, sampler.init(x_T, ts))
-    (x, state), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(n - 1))
+    split = sampler.split_first_step() if n >= 2 else None
+    first = []  # the first step, when it runs outside the scan: (x_1, x0_0, nfe)
+    if split is not None:  # AFS: the first denoiser call is analytic, the others are not
+        first_denoise, sampler = split  # body (a closure) runs the sampler without the switch
+        x_1, state_1, x0_0, nfe_0 = _ordinary(
+            sampler, checked_denoiser(first_denoise), x_T, init[1], ts, 0, key, table
+        )
+        init, first = (x_1, state_1), [(x_1, x0_0, nfe_0 - 1)]
+    (x, state), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(len(first), n - 1))
     x_last, _, x0_last, nfe_last = _last_step(sampler, denoise, x, state, ts, n - 1, key)
-    nfe = jnp.sum(nfes) + nfe_last
+    nfe = jnp.sum(nfes) + nfe_last + sum(f[2] for f in first)
     if not save_trajectory:
         return SampleResult(x_last, None, None, nfe)
-    xs = jnp.concatenate([x_T[None], traj[0], x_last[None]])
-    return SampleResult(x_last, xs, jnp.concatenate([traj[1], x0_last[None]]), nfe)
+    xs = jnp.concatenate([x_T[None], *(f[0][None] for f in first), traj[0], x_last[None]])
+    x0s = jnp.concatenate([*(f[1][None] for f in first), traj[1], x0_last[None]])
+    return SampleResult(x_last, xs, x0s, nfe)
 
 
 def _coefficient_table(sampler, ts):

@@ -41,6 +41,7 @@ Example:
     28
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -77,6 +78,7 @@ __all__ = [
     "afs_x0",
     "denoise_or_afs",
     "afs_nfe",
+    "afs_split",
     "phi",
     "half_log_snr",
     "moment_weights",
@@ -431,6 +433,9 @@ class DPMSolverPP(Sampler):
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)
 
+    def split_first_step(self):
+        return afs_split(self)
+
     @property
     def name(self) -> str:
         return f"dpm_solver_pp(order={self.order}{', afs' if self.afs else ''})"
@@ -753,6 +758,20 @@ def denoise_or_afs(afs: bool, process: Process, denoise, x, t, i):
         first, lambda: afs_x0(process, x, t).astype(dtype), lambda: denoise(x, t).astype(dtype)
     )
     return x0, jnp.where(first, 0, 1)
+
+
+def afs_split(sampler):
+    """:meth:`Sampler.split_first_step` of a sampler with an ``afs`` field: with ``afs=True``,
+    :func:`afs_x0` for the first step and the same sampler with ``afs=False`` for the others
+    (the engine then tests for the first step once, not in every step of its loop)."""
+    if not sampler.afs:
+        return None
+    process = sampler.process
+
+    def first_denoise(x, t):
+        return afs_x0(process, x, t).astype(x.dtype)
+
+    return first_denoise, dataclasses.replace(sampler, afs=False)
 
 
 def afs_nfe(nfe: int, afs: bool, n: int) -> int:

@@ -40,7 +40,14 @@ import jax.numpy as jnp
 
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
-from jaxdiff.samplers.dpm_solver import afs_nfe, check_order, denoise_or_afs, push, step_order
+from jaxdiff.samplers.dpm_solver import (
+    afs_nfe,
+    afs_split,
+    check_order,
+    denoise_or_afs,
+    push,
+    step_order,
+)
 from jaxdiff.samplers.ipndm import IPNDMState, ipndm_step
 
 __all__ = ["LMS", "lms"]
@@ -72,6 +79,9 @@ class LMS(Sampler):
 
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)
+
+    def split_first_step(self):
+        return afs_split(self)
 
     @property
     def name(self) -> str:

@@ -49,6 +49,7 @@ from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.dpm_solver import (
     afs_nfe,
+    afs_split,
     check_order,
     denoise_or_afs,
     half_log_snr,
@@ -183,6 +184,9 @@ class UniPC(Sampler):
 
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)
+
+    def split_first_step(self):
+        return afs_split(self)
 
     @property
     def name(self) -> str:
