@@ -162,12 +162,17 @@ class UniPC(Sampler):
         back = i - 1 - jnp.arange(m)  # the grid indices of the history, newest first
         ell_prev = jnp.where(back >= 0, half_log_snr(p, ts[jnp.maximum(back, 0)]), 0.0)
         q = step_order(m, i, ts, self.lower_order_final)
-        # the predictor uses at most order - 1 earlier outputs: the newest order - 1 entries
-        predictor = unipc_coefficients(p, ts[i], ts[i + 1], ell_prev, q - 1)
         j = jnp.maximum(i - 1, 0)
         nodes_ell = ell_prev.at[0].set(half_log_snr(p, ts[i]))
         n_used = jnp.where(i >= 1, step_order(m, j, ts, self.lower_order_final), 0)
-        corrector = unipc_coefficients(p, ts[j], ts[j + 1], nodes_ell, n_used)
+        # predictor and corrector as one batch of two: half the small kernels of two solves
+        both = jax.vmap(lambda t, s, nodes, used: unipc_coefficients(p, t, s, nodes, used))(
+            jnp.stack([ts[i], ts[j]]),
+            jnp.stack([ts[i + 1], ts[j + 1]]),
+            jnp.stack([ell_prev, nodes_ell]),
+            jnp.stack([q - 1, n_used]),
+        )
+        predictor, corrector = (jax.tree_util.tree_map(lambda c, k=k: c[k], both) for k in (0, 1))
         return UniPCStepCoefficients(predictor, corrector)
 
     def step(self, denoise, x, state, ts, i, key, coef=None):
