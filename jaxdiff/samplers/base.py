@@ -17,6 +17,10 @@ its process and hyperparameters as fields and defines
   ``coef`` is ``None`` (a wrapper calling it directly). The multistep and singlestep
   DPM-Solver++ and UniPC have them: the loop then runs only the array arithmetic, which on a
   cheap denoiser is what a step costs beyond its denoiser call.
+- optionally ``split_first_step() -> (first_denoise, sampler) | None``: a first step that uses
+  another denoiser (AFS's analytic one, ``afs=True``); :func:`sample` runs it before the scan
+  and the other steps with the returned sampler, so no step of the loop tests whether it is
+  the first.
 
 Lowercase factories (``ddim(process, eta=0.0)``, ...) build them. Equal settings give equal,
 hashable samplers. Numeric hyperparameters are pytree leaves (Python floats, so equal settings
