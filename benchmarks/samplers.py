@@ -58,6 +58,7 @@ import jaxdiff  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
+from experiments.common import SAMPLERS as SAMPLER_REGISTRY  # noqa: E402
 from experiments.common import compilations, markdown_table  # noqa: E402
 from jaxdiff import samplers as S  # noqa: E402
 from jaxdiff import schedules  # noqa: E402
@@ -82,13 +83,19 @@ SAMPLERS = {
     "euler_maruyama": S.euler_maruyama,
     "dpm_solver_pp_sde": S.dpm_solver_pp_sde,
     "predictor_corrector": lambda p: S.predictor_corrector(p, S.euler_maruyama(p)),
-    "lms": S.lms,
-    "deis": S.deis,
     "unipc_3": functools.partial(S.unipc, order=3),
-    "dpm_solver_pp_2s": functools.partial(S.dpm_solver_pp_singlestep, order=2),
-    "dpm_solver_pp_3s": functools.partial(S.dpm_solver_pp_singlestep, order=3),
-    "euler_ancestral": lambda p: S.ancestral(S.euler(p)),
-    "dpm_solver_pp_3m_sde": functools.partial(S.dpm_solver_pp_sde, order=3),
+    # the samplers of issue 14, as the experiments name them
+    **{
+        name: SAMPLER_REGISTRY[name]
+        for name in (
+            "lms",
+            "deis",
+            "dpm_solver_pp_2s",
+            "dpm_solver_pp_3s",
+            "euler_ancestral",
+            "dpm_solver_pp_3m_sde",
+        )
+    },  # fmt: skip
 }
 REBUILT = ("ddim", "heun", "dpm_solver_pp_2m")  # the "sampler rebuilt each call" rows
 REBUILT_NFE = 50

@@ -17,17 +17,18 @@ def bcast(c, x):
     return c.reshape(c.shape + (1,) * (jnp.ndim(x) - c.ndim))
 
 
-def weighted_sum(weights, stack):
-    r""":math:`\sum_j w_j\,\mathrm{stack}_j` over the leading axis, written out term by term.
+def weighted_sum(weights, terms):
+    r""":math:`\sum_j w_j\,\mathrm{terms}_j`, written out term by term.
 
-    ``weights`` has shape ``(m,)`` (or per example ``(m, batch)``) and ``stack`` ``(m, *x.shape)``
-    with ``m`` static and small (a multistep history). Unlike ``jnp.tensordot``, which XLA:CPU
-    runs as a separate matrix product, the written-out sum fuses with the update around it: one
-    pass over memory per step. ``m = 0`` gives zeros like one entry of ``stack``.
+    ``weights`` has shape ``(m,)`` (or per example ``(m, batch)``); ``terms`` is an array
+    ``(m, *x.shape)`` or a sequence of ``m`` arrays like ``x`` (no stacking needed), ``m`` static
+    and small (a multistep history). Unlike ``jnp.tensordot``, which XLA:CPU runs as a separate
+    matrix product, the written-out sum fuses with the update around it: one pass over memory
+    per step. ``m = 0`` gives 0.
     """
-    total = jnp.zeros(stack.shape[1:], jnp.result_type(weights, stack))
-    for j in range(stack.shape[0]):
-        total = total + bcast(weights[j], stack[j]) * stack[j]
+    total = 0.0
+    for j in range(len(terms)):
+        total = total + bcast(weights[j], terms[j]) * terms[j]
     return total
 
 

@@ -391,21 +391,20 @@ def _run(sampler, denoise, x_T, ts, key, save_trajectory):
     # ordinary step and the final step into 0 is made once, not inside every step of the loop
     init = (x_T, sampler.init(x_T, ts))
     split = sampler.split_first_step() if n >= 2 else None
-    first = []  # the first step, when it runs outside the scan: (x_1, x0_0, nfe)
+    start, xs, x0s = 0, [x_T[None]], []  # the steps run before the scan, and their outputs
     if split is not None:  # AFS: the first denoiser call is analytic, the others are not
         first_denoise, sampler = split  # body (a closure) runs the sampler without the switch
-        x_1, state_1, x0_0, nfe_0 = _ordinary(
+        x_1, state_1, x0_0, _ = _ordinary(
             sampler, checked_denoiser(first_denoise), x_T, init[1], ts, 0, key, table
-        )
-        init, first = (x_1, state_1), [(x_1, x0_0, nfe_0 - 1)]
-    (x, state), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(len(first), n - 1))
+        )  # its one "evaluation" is no network call: not counted
+        init, start, xs, x0s = (x_1, state_1), 1, xs + [x_1[None]], [x0_0[None]]
+    (x, state), (traj, nfes) = jax.lax.scan(body, init, jnp.arange(start, n - 1))
     x_last, _, x0_last, nfe_last = _last_step(sampler, denoise, x, state, ts, n - 1, key)
-    nfe = jnp.sum(nfes) + nfe_last + sum(f[2] for f in first)
+    nfe = jnp.sum(nfes) + nfe_last
     if not save_trajectory:
         return SampleResult(x_last, None, None, nfe)
-    xs = jnp.concatenate([x_T[None], *(f[0][None] for f in first), traj[0], x_last[None]])
-    x0s = jnp.concatenate([*(f[1][None] for f in first), traj[1], x0_last[None]])
-    return SampleResult(x_last, xs, x0s, nfe)
+    xs = jnp.concatenate([*xs, traj[0], x_last[None]])
+    return SampleResult(x_last, xs, jnp.concatenate([*x0s, traj[1], x0_last[None]]), nfe)
 
 
 def _coefficient_table(sampler, ts):

@@ -74,6 +74,9 @@ __all__ = [
     "dpm_solver_pp_sde_step",
     "dpm_solver_pp_singlestep",
     "dpm_solver_pp_singlestep_step",
+    "dpm_solver_pp_singlestep_coefficients",
+    "dpm_solver_pp_singlestep_apply",
+    "SinglestepCoefficients",
     "dpm_solver_embedded_step",
     "afs_x0",
     "denoise_or_afs",
@@ -405,6 +408,14 @@ def grid_history(ts, i, m: int, fn, fill):
     return jnp.where(back >= 0, fn(ts[jnp.maximum(back, 0)]), fill)
 
 
+def _multistep_coefficients(sampler, ts, i, eta=0.0):
+    """``coefficients`` of the multistep (SDE-)DPM-Solver++ ``sampler`` at step ``i``."""
+    p, order = sampler.process, sampler.order
+    ell_prev = grid_history(ts, i, order - 1, lambda t: half_log_snr(p, t), 0.0)
+    q = step_order(order, i, ts, sampler.lower_order_final)
+    return dpm_solver_pp_coefficients(p, ts[i], ts[i + 1], ell_prev, q, eta)
+
+
 class DPMSolverPP(Sampler):
     """Multistep DPM-Solver++; built by :func:`dpm_solver_pp`."""
 
@@ -417,10 +428,7 @@ class DPMSolverPP(Sampler):
         return init_history(x_T, ts, self.order - 1)
 
     def coefficients(self, ts, i):
-        p = self.process
-        ell_prev = grid_history(ts, i, self.order - 1, lambda t: half_log_snr(p, t), 0.0)
-        q = step_order(self.order, i, ts, self.lower_order_final)
-        return dpm_solver_pp_coefficients(p, ts[i], ts[i + 1], ell_prev, q)
+        return _multistep_coefficients(self, ts, i)
 
     def step(self, denoise, x, state, ts, i, key, coef=None):
         if coef is None:
@@ -512,10 +520,7 @@ class DPMSolverPPSDE(Sampler):
         return init_history(x_T, ts, self.order - 1)
 
     def coefficients(self, ts, i):
-        p = self.process
-        ell_prev = grid_history(ts, i, self.order - 1, lambda t: half_log_snr(p, t), 0.0)
-        q = step_order(self.order, i, ts, self.lower_order_final)
-        return dpm_solver_pp_coefficients(p, ts[i], ts[i + 1], ell_prev, q, self.eta)
+        return _multistep_coefficients(self, ts, i, self.eta)
 
     def step(self, denoise, x, state, ts, i, key, coef=None):
         if coef is None:
@@ -567,11 +572,6 @@ def dpm_solver_pp_sde(
 
 # --- singlestep DPM-Solver++ (data prediction) -----------------------------------------------
 DPMSolverPPSinglestepState = EmptyState
-
-
-def _data_first_order(x, x0, sig_t, a_u, sig_u, rh):
-    r""":math:`\frac{\sigma_u}{\sigma_t}x + \alpha_u(1 - e^{-rh})\hat x_0` (DPM-Solver++-1 to ``u``)."""
-    return bcast(sig_u / sig_t, x) * x - bcast(a_u * jnp.expm1(-rh), x) * x0
 
 
 def dpm_solver_pp_singlestep_step(process: Process, denoise, x, t, s, order: int = 2):

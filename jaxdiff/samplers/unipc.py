@@ -44,7 +44,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._utils import bcast
+from jaxdiff._utils import bcast, weighted_sum
 from jaxdiff.processes import Process
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.dpm_solver import (
@@ -52,6 +52,7 @@ from jaxdiff.samplers.dpm_solver import (
     afs_split,
     check_order,
     denoise_or_afs,
+    grid_history,
     half_log_snr,
     moment_weights,
     phi,
@@ -67,13 +68,12 @@ class UniPCState(NamedTuple):
 
     Attributes:
         x_prev: the (corrected) point at the previous grid time, base of the corrector.
-        x0_prev: ``(order, *x.shape)`` denoiser outputs at the previous grid times.
-        ell_prev: ``(order,)`` their half log-SNR :math:`\\ell`.
+        x0_prev: ``(order, *x.shape)`` denoiser outputs at the previous grid times (their times
+            are the grid's: :meth:`UniPC.coefficients` reads them off ``ts``).
     """
 
     x_prev: jax.Array
     x0_prev: jax.Array
-    ell_prev: jax.Array
 
 
 class UniPCCoefficients(NamedTuple):
@@ -117,10 +117,7 @@ def _apply(c: UniPCCoefficients, x, x0, nodes_x0):
 
     ``nodes_x0`` is a stacked array or a sequence of arrays (no stacking: one fused pass).
     """
-    x_s = bcast(c.sig_ratio, x) * x + bcast(c.base, x) * x0
-    for j in range(len(nodes_x0)):
-        x_s = x_s + bcast(c.weights[j], x) * nodes_x0[j]
-    return x_s
+    return bcast(c.sig_ratio, x) * x + bcast(c.base, x) * x0 + weighted_sum(c.weights, nodes_x0)
 
 
 def unipc_update(process: Process, x, x0, t, s, nodes_x0, nodes_ell, n_used):
@@ -150,7 +147,7 @@ class UniPC(Sampler):
     def init(self, x_T, ts):
         x_T, m = jnp.asarray(x_T), self.order
         zeros = jnp.zeros((m, *x_T.shape), x_T.dtype)
-        return UniPCState(jnp.zeros_like(x_T), zeros, jnp.zeros((m,), ts.dtype))
+        return UniPCState(jnp.zeros_like(x_T), zeros)
 
     def coefficients(self, ts, i):
         r"""The predictor ``ts[i] -> ts[i + 1]`` and the corrector of ``ts[i - 1] -> ts[i]``.
@@ -159,8 +156,7 @@ class UniPC(Sampler):
         the corrector is a dummy step with no node, unused.
         """
         p, m = self.process, self.order
-        back = i - 1 - jnp.arange(m)  # the grid indices of the history, newest first
-        ell_prev = jnp.where(back >= 0, half_log_snr(p, ts[jnp.maximum(back, 0)]), 0.0)
+        ell_prev = grid_history(ts, i, m, lambda t: half_log_snr(p, t), 0.0)
         q = step_order(m, i, ts, self.lower_order_final)
         j = jnp.maximum(i - 1, 0)
         nodes_ell = ell_prev.at[0].set(half_log_snr(p, ts[i]))
@@ -184,8 +180,7 @@ class UniPC(Sampler):
         x_c = _apply(coef.corrector, state.x_prev, state.x0_prev[0], nodes_x0)
         x = jnp.where(i >= 1, x_c, x).astype(state.x_prev.dtype)
         x_s = _apply(coef.predictor, x, x0, state.x0_prev)
-        ell_t = half_log_snr(self.process, ts[i])
-        return x_s, UniPCState(x, push(state.x0_prev, x0), push(state.ell_prev, ell_t)), x0, nfe
+        return x_s, UniPCState(x, push(state.x0_prev, x0)), x0, nfe
 
     def nfe(self, n: int) -> int:
         return afs_nfe(super().nfe(n), self.afs, n)
